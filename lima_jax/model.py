@@ -1,0 +1,310 @@
+"""LLaMA in Flax NNX, computing what transformers' LlamaForCausalLM computes.
+
+Layout choices (see DESIGN.md):
+- Rotary embeddings are HF's rotate-half, so HF → ours is a transpose and a reshape per tensor.
+- Projections keep heads as their own axis: q [embed, heads, head_dim], o [heads, head_dim, embed].
+- The decoder layers' parameters are stored stacked on a leading "layers" axis. `scan_layers=True`
+  runs them with `jax.lax.scan`; `False` unrolls a Python loop over the same arrays, so the two
+  modes share checkpoints.
+- The KV cache is an explicit value (`KVCache`), passed in and returned, so decoding stays pure.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lima_jax.config import LlamaConfig
+from lima_jax.sharding import constrain
+
+_INIT_STD = 0.02  # transformers' LlamaConfig.initializer_range
+
+
+def _param(key, shape, names, dtype, init="normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (_INIT_STD * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    # Names are metadata only; placement happens when a mesh is chosen (sharding.py).
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class KVCache(NamedTuple):
+    """Keys/values of every layer for `max_len` slots. `mask[b, s]` marks slots holding real tokens
+    (left padding is masked out); `index` is the next slot to write, shared by all rows."""
+    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+    v: jax.Array
+    mask: jax.Array  # [batch, max_len] bool
+    index: jax.Array  # int32 scalar
+
+    @classmethod
+    def zeros(cls, config: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        dtype = dtype or config.dtype
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
+                   jnp.zeros((), jnp.int32))
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [batch, length, vocab] float32
+    cache: Optional[KVCache] = None
+    hidden_states: Optional[jax.Array] = None  # [layers + 1, batch, length, hidden], when asked for
+
+
+# ---- rotary embeddings ------------------------------------------------------------------------
+def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+    """Per-pair rotation frequencies (float32), with linear or Llama-3 scaling applied."""
+    d = config.head_dim
+    inv_freq = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))
+    inv_freq = inv_freq.astype(np.float32)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = np.float32(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return (inv_freq / factor).astype(np.float32)
+    # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    old_len = np.float32(scaling["original_max_position_embeddings"])
+    low, high = np.float32(scaling["low_freq_factor"]), np.float32(scaling["high_freq_factor"])
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    in_band = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(in_band, blended, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, T, head_dim] for integer positions [B, T], in float32."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, heads, head_dim]; HF's rotate-half convention."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+# ---- modules ----------------------------------------------------------------------------------
+class RMSNorm(nnx.Module):
+    def __init__(self, config: LlamaConfig, stack: tuple[int, ...] = (), stack_names: tuple[str, ...] = ()):
+        self.eps = config.rms_norm_eps
+        self.scale = _param(None, stack + (config.hidden_size,), stack_names + ("embed",),
+                            config.param_dtype, init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+def residual_dropout(x: jax.Array, rate: jax.Array, key: Optional[jax.Array]) -> jax.Array:
+    """Inverted dropout with a (possibly traced) rate; identity when key is None (deterministic)."""
+    if key is None:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, x.shape)
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, key: jax.Array, stack=(), stack_names=()):
+        e, h, kvh, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        pd = config.param_dtype
+        self.q_proj = _param(kq, stack + (e, h, d), stack_names + ("embed", "heads", "head_dim"), pd)
+        self.k_proj = _param(kk, stack + (e, kvh, d), stack_names + ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = _param(kv, stack + (e, kvh, d), stack_names + ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = _param(ko, stack + (h, d, e), stack_names + ("heads", "head_dim", "embed"), pd)
+        self.num_groups = h // kvh
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+        """x [B,T,E]; mask [B,T,S] bool (True = may attend). With kv_cache=(k, v) of [B,S,KVH,D] the new
+        keys/values are written at cache_index and attention runs over all S slots. Returns
+        (out [B,T,E], (k_new, v_new) [B,T,KVH,D])."""
+        dtype = x.dtype
+        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dtype))
+        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dtype))
+        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dtype))
+        q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+        k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        keys, values = k, v
+        if kv_cache is not None:
+            keys = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, cache_index, 0, 0))
+            values = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, cache_index, 0, 0))
+            keys, values = keys.astype(dtype), values.astype(dtype)
+        b, t, h, d = q.shape
+        kvh = keys.shape[2]
+        q = q.reshape(b, t, kvh, self.num_groups, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) / math.sqrt(d)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, d)
+        out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dtype))
+        return out, (k, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: LlamaConfig, key: jax.Array, stack=(), stack_names=()):
+        e, f, pd = config.hidden_size, config.intermediate_size, config.param_dtype
+        kg, ku, kd = jax.random.split(key, 3)
+        self.gate_proj = _param(kg, stack + (e, f), stack_names + ("embed", "mlp"), pd)
+        self.up_proj = _param(ku, stack + (e, f), stack_names + ("embed", "mlp"), pd)
+        self.down_proj = _param(kd, stack + (f, e), stack_names + ("mlp", "embed"), pd)
+
+    def __call__(self, x):
+        dtype = x.dtype
+        gate = jnp.einsum("bte,ef->btf", x, self.gate_proj[...].astype(dtype))
+        up = jnp.einsum("bte,ef->btf", x, self.up_proj[...].astype(dtype))
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return jnp.einsum("btf,fe->bte", hidden, self.down_proj[...].astype(dtype))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + drop(attn(norm(x))), then + drop(mlp(norm(x))). Built with `stack=(L,)` it
+    holds all L layers' parameters; the stack applies one slice at a time."""
+
+    def __init__(self, config: LlamaConfig, key: jax.Array, stack=(), stack_names=()):
+        ka, km = jax.random.split(key)
+        self.input_norm = RMSNorm(config, stack, stack_names)
+        self.attn = Attention(config, ka, stack, stack_names)
+        self.post_attn_norm = RMSNorm(config, stack, stack_names)
+        self.mlp = MLP(config, km, stack, stack_names)
+
+    def __call__(self, x, cos, sin, mask, dropout_rate, dropout_key=None, kv_cache=None, cache_index=None):
+        attn_key = mlp_key = None
+        if dropout_key is not None:
+            attn_key, mlp_key = jax.random.split(dropout_key)
+        attn_out, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv_cache, cache_index)
+        x = x + residual_dropout(attn_out, dropout_rate, attn_key)
+        x = x + residual_dropout(self.mlp(self.post_attn_norm(x)), dropout_rate, mlp_key)
+        return constrain(x, ("batch", "length", "act_embed")), new_kv
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Llama(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, seed: int = 0):
+        self.config = config
+        k_embed, k_layers, k_head = jax.random.split(jax.random.key(seed), 3)
+        pd = config.param_dtype
+        self.embed = _param(k_embed, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pd)
+        self.layers = DecoderLayer(config, k_layers, stack=(config.num_layers,), stack_names=("layers",))
+        self.final_norm = RMSNorm(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(k_head, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pd)
+
+    def __call__(self, tokens: jax.Array, attention_mask: Optional[jax.Array] = None,
+                 cache: Optional[KVCache] = None, *, dropout_key: Optional[jax.Array] = None,
+                 return_hidden_states: bool = False) -> ModelOutput:
+        """tokens [B, T] int; attention_mask [B, T] (1 = real token, 0 = padding; default all real).
+
+        Positions count real tokens only, so left- and right-padded rows get the positions they would
+        have alone. With a cache, the T tokens are written at `cache.index` and may attend to every
+        earlier real slot. dropout_key=None means deterministic (no dropout)."""
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        b, t = tokens.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        attention_mask = attention_mask.astype(bool)
+
+        if cache is None:
+            key_mask = attention_mask
+            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            cache_index = None
+        else:
+            cache_index = cache.index
+            key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache_index))
+            seen = jnp.cumsum(key_mask, axis=1) - 1
+            positions = jnp.maximum(jax.lax.dynamic_slice_in_dim(seen, cache_index, t, axis=1), 0)
+            slots = jnp.arange(key_mask.shape[1])
+            causal = slots[None, :] <= cache_index + jnp.arange(t)[:, None]
+        mask = causal[None] & key_mask[:, None, :]
+        cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(cfg))
+
+        x = self.embed[...].astype(dtype)[tokens]
+        x = constrain(x, ("batch", "length", "act_embed"))
+        x, new_cache, hidden = self._run_layers(x, cos, sin, mask, dropout_key, cache, cache_index,
+                                                return_hidden_states)
+        x = self.final_norm(x)
+        head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
+        logits = jnp.einsum("bte,ev->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        if new_cache is not None:
+            new_cache = new_cache._replace(mask=key_mask, index=cache_index + t)
+        return ModelOutput(logits, new_cache, hidden)
+
+    def _run_layers(self, x, cos, sin, mask, dropout_key, cache, cache_index, return_hidden_states):
+        cfg = self.config
+        graphdef, stacked = nnx.split(self.layers)
+        rates = jnp.asarray(cfg.layer_dropout_rates(), jnp.float32)
+
+        def one_layer(x, layer_params, layer_index, cache_kv):
+            layer = nnx.merge(graphdef, layer_params)
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer_index)
+            kv = None
+            if cache_kv is not None:
+                kv = tuple(jax.lax.dynamic_index_in_dim(c, layer_index, keepdims=False) for c in cache_kv)
+            return layer(x, cos, sin, mask, rates[layer_index], key, kv, cache_index)
+
+        if cfg.remat_policy != "none":
+            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat_policy])
+
+        def write(cache_kv, new_kv, layer_index):
+            # Only the new tokens' slots are written, in place in the carried buffers.
+            return tuple(jax.lax.dynamic_update_slice(c, n[None].astype(c.dtype), (layer_index, 0, cache_index, 0, 0))
+                         for c, n in zip(cache_kv, new_kv))
+
+        cache_kv = None if cache is None else (cache.k, cache.v)
+        hidden = [x] if return_hidden_states else None
+        if cfg.scan_layers:
+            def body(carry, xs):
+                x, cache_kv = carry
+                layer_params, layer_index = xs
+                x, new_kv = one_layer(x, layer_params, layer_index, cache_kv)
+                if cache_kv is not None:
+                    cache_kv = write(cache_kv, new_kv, layer_index)
+                return (x, cache_kv), (x if return_hidden_states else None)
+
+            (x, cache_kv), per_layer = jax.lax.scan(body, (x, cache_kv), (stacked, jnp.arange(cfg.num_layers)))
+            if return_hidden_states:
+                hidden = jnp.concatenate([hidden[0][None], per_layer], axis=0)
+        else:
+            for i in range(cfg.num_layers):
+                layer_params = jax.tree.map(lambda a: a[i], stacked)
+                x, new_kv = one_layer(x, layer_params, i, cache_kv)
+                if cache_kv is not None:
+                    cache_kv = write(cache_kv, new_kv, i)
+                if return_hidden_states:
+                    hidden.append(x)
+            if return_hidden_states:
+                hidden = jnp.stack(hidden)
+        new_cache = None if cache is None else KVCache(cache_kv[0], cache_kv[1], cache.mask, cache.index)
+        return x, new_cache, hidden
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache.zeros(self.config, batch, max_len)
+
+
+def param_logical_names(model: nnx.Module) -> dict:
+    """{path tuple: logical names} for every parameter, from the metadata set at creation."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        out[tuple(str(p) for p in path)] = var.get_metadata().get("out_sharding")
+    return out

@@ -1,0 +1,96 @@
+"""Logical axis names → mesh axes: the one table, and the helpers that apply it.
+
+Every parameter carries logical names as metadata (`out_sharding`); every activation passes
+through `constrain(x, names)`. A layout is a rules table, e.g.
+    (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"), ...)
+Names not in the table are replicated. Outside `use_rules(...)` all of this is a no-op, so the
+model runs unchanged on one device.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+Rules = Sequence[tuple[str, object]]
+
+# Parameters use the plain names; activations use "act_*" for the hidden dimension because an
+# FSDP layout shards the *parameter* embed axis but never the activation's.
+PARAM_AXES = ("layers", "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim")
+ACTIVATION_AXES = ("batch", "length", "act_embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
+
+_active: list[tuple[Mesh, Rules]] = []
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Within this context `constrain` shards activations on `mesh` according to `rules`."""
+    _active.append((mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _active.pop()
+
+
+def logical_to_spec(names: Optional[Sequence[Optional[str]]], rules: Rules, mesh: Optional[Mesh] = None,
+                    shape: Optional[Sequence[int]] = None) -> PartitionSpec:
+    """PartitionSpec for logical `names`. A mesh axis is used at most once per array; with `mesh` and
+    `shape` given, a dimension that the mesh axes do not divide stays replicated."""
+    if names is None:
+        return PartitionSpec()
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(names):
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a not in used)
+        if mesh is not None:
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            if shape is not None:
+                size = 1
+                for a in axes:
+                    size *= mesh.shape[a]
+                if shape[i] % size:
+                    axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
+    """with_sharding_constraint by logical names, when a mesh/rules context is active."""
+    if not _active:
+        return x
+    mesh, rules = _active[-1]
+    spec = logical_to_spec(names, rules, mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+# The default layout: FSDP over ("data", "fsdp") for parameters' embed axis, tensor parallelism over
+# heads / mlp / vocab, the batch over every data-like axis. gin/ may override it (training issue).
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+)
+
+
+def param_shardings(state, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """NamedSharding per parameter (same tree as `state`, an nnx.State of Params) from its logical names."""
+    from flax import nnx
+
+    def one(var):
+        names = var.get_metadata().get("out_sharding")
+        return NamedSharding(mesh, logical_to_spec(names, rules, mesh, var.shape))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
