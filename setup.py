@@ -37,6 +37,14 @@ setup(
         "tpu": ["libtpu==0.0.52"],
     },
     entry_points={
-        "console_scripts": [],
+        "console_scripts": [
+            "lima-train=lima_jax.train:main",
+            "lima-decode=lima_jax.cli.decode:main",
+            "lima-chat=lima_jax.cli.chat:main",
+            "lima-convert=lima_jax.cli.convert:main",
+            "lima-aot=lima_jax.cli.aot:main",
+            "lima-report=lima_jax.cli.report:main",
+            "lima-data=data_pipeline.cli:main",
+        ],
     },
 )

@@ -35,6 +35,7 @@ class LlamaConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     eot_token_id: Optional[int] = None  # set by `lima-convert --add_eot` (= original vocab size)
+    vocab_padding_multiple: int = 1  # embedding/head rows padded to a multiple for even sharding
 
     def __post_init__(self):
         if self.num_kv_heads is None:
@@ -53,6 +54,12 @@ class LlamaConfig:
                 raise ValueError(f"rope_scaling type {kind!r} is not supported; expected one of {ROPE_TYPES}")
         if not 0.0 <= self.residual_dropout < 1.0:
             raise ValueError(f"residual_dropout={self.residual_dropout} must be in [0, 1)")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and LM head; rows past vocab_size are padding, never predicted."""
+        m = self.vocab_padding_multiple
+        return -(-self.vocab_size // m) * m
 
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)

@@ -67,7 +67,7 @@ class LanguageModel:
         mask = np.ones_like(tokens, bool) if attention_mask is None else np.asarray(attention_mask, bool)
         with self._rules():
             out = _forward_logits(self._graphdef, self._state, jnp.asarray(tokens), jnp.asarray(mask))
-        return np.asarray(out, np.float32)
+        return np.asarray(out[..., : self.config.vocab_size], np.float32)
 
     def _rules(self):
         if self.mesh is None:

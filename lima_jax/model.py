@@ -202,11 +202,11 @@ class Llama(nnx.Module):
         self.config = config
         k_embed, k_layers, k_head = jax.random.split(jax.random.key(seed), 3)
         pd = config.param_dtype
-        self.embed = _param(k_embed, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pd)
+        self.embed = _param(k_embed, (config.padded_vocab_size, config.hidden_size), ("vocab", "embed"), pd)
         self.layers = DecoderLayer(config, k_layers, stack=(config.num_layers,), stack_names=("layers",))
         self.final_norm = RMSNorm(config)
         if not config.tie_word_embeddings:
-            self.lm_head = _param(k_head, (config.hidden_size, config.vocab_size), ("embed", "vocab"), pd)
+            self.lm_head = _param(k_head, (config.hidden_size, config.padded_vocab_size), ("embed", "vocab"), pd)
 
     def __call__(self, tokens: jax.Array, attention_mask: Optional[jax.Array] = None,
                  cache: Optional[KVCache] = None, *, dropout_key: Optional[jax.Array] = None,
@@ -245,6 +245,9 @@ class Llama(nnx.Module):
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("bte,ev->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        if cfg.padded_vocab_size != cfg.vocab_size:  # padding rows can never win a softmax or a sample
+            real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+            logits = jnp.where(real, logits, jnp.finfo(jnp.float32).min)
         logits = constrain(logits, ("batch", "length", "vocab"))
         if new_cache is not None:
             new_cache = new_cache._replace(mask=key_mask, index=cache_index + t)
