@@ -55,6 +55,9 @@ class LlamaConfig:
         if not 0.0 <= self.residual_dropout < 1.0:
             raise ValueError(f"residual_dropout={self.residual_dropout} must be in [0, 1)")
 
+    def __hash__(self):  # rope_scaling is a dict; the config must hash to be static in jit/NNX graphs
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
     @property
     def padded_vocab_size(self) -> int:
         """Rows of the embedding and LM head; rows past vocab_size are padding, never predicted."""
