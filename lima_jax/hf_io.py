@@ -3,7 +3,8 @@
 One table says which HF tensor is which of ours. Every transform is "copy" or "transposed":
 ours = hf.T.reshape(our_shape) and hf = ours.reshape(hf_shape[::-1]).T, e.g. q_proj.weight
 [heads*head_dim, embed] ⇄ q_proj [embed, heads, head_dim]. Both directions read the same table,
-so a round trip is bit-exact by construction (and tested).
+so a round trip is bit-exact by construction (and tested). Our embedding and LM head carry
+config.padded_vocab_size rows; the padding rows are zero on read and trimmed on write.
 """
 from __future__ import annotations
 
@@ -43,9 +44,15 @@ LAYER_ENTRIES = (
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+ENTRIES_BY_PATH = {entry.path: entry for entry in GLOBAL_ENTRIES + LAYER_ENTRIES}
+# Which axis of ours indexes the vocabulary: ours have config.padded_vocab_size rows there, HF's
+# have config.vocab_size (padding rows are zero and never leave this project).
+VOCAB_AXIS = {("embed",): 0, ("lm_head",): 1}
+
+
 def our_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Shape of each of our parameters (stacked per-layer ones include the layer axis)."""
-    e, f, v, l = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_layers
+    e, f, v, l = config.hidden_size, config.intermediate_size, config.padded_vocab_size, config.num_layers
     h, kvh, d = config.num_heads, config.num_kv_heads, config.head_dim
     shapes = {
         ("embed",): (v, e),
@@ -63,6 +70,16 @@ def our_shapes(config: LlamaConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     if not config.tie_word_embeddings:
         shapes[("lm_head",)] = (e, v)
     return shapes
+
+
+def unpadded_slice_shape(config: LlamaConfig, path: tuple[str, ...]) -> tuple[int, ...]:
+    """Our shape of one HF tensor's worth of `path`: without the layer axis and vocabulary padding."""
+    shape = list(our_shapes(config)[path])
+    if path[0] == "layers":
+        shape = shape[1:]
+    if path in VOCAB_AXIS:
+        shape[VOCAB_AXIS[path]] = config.vocab_size
+    return tuple(shape)
 
 
 def hf_shape(entry: Entry, our_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -153,6 +170,9 @@ class TensorIndex:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.files[name].shape(name))
 
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.files[name].dtype(name))
+
     def read(self, name: str) -> np.ndarray:
         return self.files[name].read(name)
 
@@ -164,6 +184,9 @@ class _TorchFile:
     def shape(self, name):
         return tuple(self.state[name].shape)
 
+    def dtype(self, name):
+        return self.read(name).dtype  # a view of the memory-mapped tensor, not a copy
+
     def read(self, name):
         import torch
         t = self.state[name]
@@ -173,41 +196,69 @@ class _TorchFile:
         return t.numpy()
 
 
-def read_hf_params(hf_dir: str, config: LlamaConfig, dtype=None, on_tensor=None) -> dict:
-    """Our parameter tree (nested dict of numpy arrays) from an HF folder, one tensor at a time; stacked
-    layer arrays are filled slice by slice. dtype=None keeps each tensor's stored dtype."""
-    index = TensorIndex(hf_dir)
-    shapes = our_shapes(config)
-    out: dict[tuple[str, ...], np.ndarray] = {}
+def check_hf_tensors(index: TensorIndex, config: LlamaConfig) -> None:
+    """Every tensor the config implies is present with the right shape, and nothing else is there;
+    reads headers only, so a bad checkpoint fails before anything is written."""
     expected = set()
-    for hf_name, entry, layer in iter_entries(config):
+    for hf_name, entry, _ in iter_entries(config):
         expected.add(hf_name)
         if hf_name not in index.files:
-            raise ValueError(f"{hf_dir}: tensor {hf_name!r} is missing from the checkpoint")
-        full_shape = shapes[entry.path]
-        slice_shape = full_shape[1:] if layer is not None else full_shape
-        want = hf_shape(entry, slice_shape)
+            raise ValueError(f"{index.hf_dir}: tensor {hf_name!r} is missing from the checkpoint")
+        want = hf_shape(entry, unpadded_slice_shape(config, entry.path))
         got = index.shape(hf_name)
         if got != want:
             raise ValueError(f"{index.where(hf_name)}: tensor {hf_name!r} has shape {got}, config implies {want}")
-        tensor = index.read(hf_name)
-        if dtype is not None:
-            tensor = tensor.astype(dtype)
-        value = to_ours(entry, tensor, slice_shape)
-        if layer is None:
-            out[entry.path] = np.ascontiguousarray(value)
-        else:
-            if entry.path not in out:
-                out[entry.path] = np.empty(full_shape, value.dtype)
-            out[entry.path][layer] = value
-        if on_tensor is not None:
-            on_tensor(hf_name)
     unknown = [n for n in index.names() if n not in expected and not n.endswith(IGNORED_SUFFIXES)
                and not (n == "lm_head.weight" and config.tie_word_embeddings)]
     if unknown:
         raise ValueError(f"{index.where(unknown[0])}: unexpected tensor {unknown[0]!r} for this config "
                          f"({len(unknown)} unexpected in all)")
+
+
+def read_hf_param(index: TensorIndex, config: LlamaConfig, path: tuple[str, ...], dtype=None) -> np.ndarray:
+    """One of our parameters from HF tensors; a stacked layer array is filled slice by slice, so memory
+    holds this array plus one HF tensor. Vocabulary padding rows are zero. dtype=None keeps the stored
+    dtype. Shapes must have been checked (check_hf_tensors)."""
+    entry = ENTRIES_BY_PATH[path]
+    full_shape = our_shapes(config)[path]
+    slice_shape = unpadded_slice_shape(config, path)
+    out = None
+    layers = range(config.num_layers) if path[0] == "layers" else [None]
+    for layer in layers:
+        tensor = index.read(entry.hf_name.format(i=layer))
+        if dtype is not None:
+            tensor = tensor.astype(dtype, copy=False)
+        value = to_ours(entry, tensor, slice_shape)
+        if layer is None and value.shape == full_shape:
+            return np.ascontiguousarray(value)
+        if out is None:
+            out = np.zeros(full_shape, value.dtype)
+        target = out if layer is None else out[layer]
+        target[tuple(slice(0, n) for n in slice_shape)] = value
+    return out
+
+
+def read_hf_params(hf_dir: str, config: LlamaConfig, dtype=None, on_tensor=None) -> dict:
+    """Our parameter tree (nested dict of numpy arrays) from an HF folder, one parameter at a time.
+    dtype=None keeps each tensor's stored dtype. on_tensor(path) is called after each parameter."""
+    index = TensorIndex(hf_dir)
+    check_hf_tensors(index, config)
+    out = {}
+    for path in our_shapes(config):
+        out[path] = read_hf_param(index, config, path, dtype)
+        if on_tensor is not None:
+            on_tensor(path)
     return unflatten(out)
+
+
+def hf_tensor(entry: Entry, config: LlamaConfig, array: np.ndarray) -> np.ndarray:
+    """The HF tensor of `array` (one layer's slice of ours, or a global parameter): vocabulary padding
+    trimmed, then the table's transform reversed."""
+    if entry.path in VOCAB_AXIS:
+        index = [slice(None)] * array.ndim
+        index[VOCAB_AXIS[entry.path]] = slice(0, config.vocab_size)
+        array = array[tuple(index)]
+    return to_hf(entry, array, hf_shape(entry, array.shape))
 
 
 def unflatten(flat: dict[tuple[str, ...], object]) -> dict:

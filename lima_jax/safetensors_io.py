@@ -101,10 +101,12 @@ def write_safetensors_lazy(path: str, specs: list, metadata: dict | None = None)
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape, dtype, thunk in specs:
-            arr = np.ascontiguousarray(thunk(), dtype=np.dtype(dtype).newbyteorder("<"))
+            arr = np.asarray(thunk(), dtype=np.dtype(dtype).newbyteorder("<"))
+            if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn a scalar into shape (1,))
+                arr = arr.copy(order="C")
             if arr.shape != tuple(shape):
                 raise ValueError(f"{path}: tensor {name!r} has shape {arr.shape}, header says {tuple(shape)}")
-            f.write(arr.tobytes())
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))  # no copy of the tensor
 
 
 def iter_checkpoint_files(hf_dir: str) -> Iterator[str]:
