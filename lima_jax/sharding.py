@@ -21,13 +21,16 @@ Rules = Sequence[tuple[str, object]]
 PARAM_AXES = ("layers", "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim")
 ACTIVATION_AXES = ("batch", "length", "act_embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
 
-_active: list[tuple[Mesh, Rules]] = []
+_active: list[tuple[Mesh, Rules, tuple[str, ...]]] = []
 
 
 @contextlib.contextmanager
-def use_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
-    """Within this context `constrain` shards activations on `mesh` according to `rules`."""
-    _active.append((mesh, tuple(rules)))
+def use_rules(mesh: Mesh, rules: Rules, fsdp_axes: Sequence[str] = ()) -> Iterator[None]:
+    """Within this context `constrain` shards activations on `mesh` according to `rules`.
+
+    fsdp_axes: mesh axes that shard parameters for storage only (FSDP); `gather_layer_params` then
+    all-gathers each layer's weights over them inside the layer loop. Empty: no gathering."""
+    _active.append((mesh, tuple(rules), tuple(fsdp_axes)))
     try:
         yield
     finally:
@@ -64,9 +67,48 @@ def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:
     """with_sharding_constraint by logical names, when a mesh/rules context is active."""
     if not _active:
         return x
-    mesh, rules = _active[-1]
+    mesh, rules, _ = _active[-1]
     spec = logical_to_spec(names, rules, mesh, x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def gather_layer_params(layer_state):
+    """All-gathers one layer's parameters (an nnx.State sliced from the stacked layers) over the active
+    fsdp_axes, with shard_map + all_gather, so XLA materialises one layer's full weights at a time. A
+    plain sharding constraint inside the scan is not enough: XLA then gathers every layer's weights at
+    once (docs/ENVIRONMENT.md). The gradient of the gather is a per-layer reduce-scatter. No-op
+    outside `use_rules(..., fsdp_axes=...)`."""
+    if not _active or not _active[-1][2]:
+        return layer_state
+    from flax import nnx
+
+    mesh, rules, fsdp_axes = _active[-1]
+
+    def one(var):
+        names = var.get_metadata().get("out_sharding")
+        value = var[...]
+        if names is None:
+            return var
+        names = tuple(names)[len(names) - value.ndim:]  # a sliced layer has lost its "layers" axis
+        spec = logical_to_spec(names, rules, mesh, value.shape)
+        gathered = []  # per dim: the mesh axes to gather; a mixed entry is gathered whole
+        for entry in spec:
+            axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            gathered.append(axes if any(a in fsdp_axes for a in axes) else ())
+        if not any(gathered):
+            return var
+        out_spec = PartitionSpec(*(None if g else e for g, e in zip(gathered, spec)))
+
+        def gather(x):
+            for dim, axes in enumerate(gathered):
+                if axes:
+                    x = jax.lax.all_gather(x, axes if len(axes) > 1 else axes[0], axis=dim, tiled=True)
+            return x
+
+        full = jax.shard_map(gather, mesh=mesh, in_specs=spec, out_specs=out_spec)(value)
+        return var.replace(full)
+
+    return jax.tree.map(one, layer_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 # The default layout: FSDP over ("data", "fsdp") for parameters' embed axis, tensor parallelism over
