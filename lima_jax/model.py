@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from lima_jax.config import LlamaConfig
-from lima_jax.sharding import constrain
+from lima_jax.sharding import constrain, gather_layer_params
 
 _INIT_STD = 0.02  # transformers' LlamaConfig.initializer_range
 
@@ -259,7 +259,7 @@ class Llama(nnx.Module):
         rates = jnp.asarray(cfg.layer_dropout_rates(), jnp.float32)
 
         def one_layer(x, layer_params, layer_index, cache_kv):
-            layer = nnx.merge(graphdef, layer_params)
+            layer = nnx.merge(graphdef, gather_layer_params(layer_params))  # FSDP: per layer, in the loop
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer_index)
             kv = None
             if cache_kv is not None:
