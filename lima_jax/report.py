@@ -17,8 +17,12 @@ import os
 import uuid
 import zlib
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 OUTCOMES = ("win", "tie", "loss")  # from the reported model's side
 AUDIT_LABELS = ("fail", "pass", "excellent")
@@ -289,7 +293,7 @@ def _stacked_bars(ax, names, fractions, segment_labels, colors):
     ax.xaxis.set_major_formatter(lambda v, _: f"{100 * v:.0f}%")
 
 
-def plot_preferences(report: dict, model: str, path: str) -> None:
+def plot_preferences(report: dict, model: str, path: str) -> "Figure":
     """Figure 1 style: one bar per opponent, segments `<model> wins` / Tie / `<opponent> wins`."""
     names = list(report["vs"])
     fig = _figure(8, 0.6 * len(names) + 1.4)
@@ -301,10 +305,10 @@ def plot_preferences(report: dict, model: str, path: str) -> None:
     for yi, n in zip(np.arange(len(names))[::-1], names):
         ax.text(1.01, yi, f"{n} wins", va="center", fontsize=8)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
-    _savefig(fig, path)
+    return _savefig(fig, path)
 
 
-def plot_audit(report: dict, path: str) -> None:
+def plot_audit(report: dict, path: str) -> "Figure":
     """Figure 3 style: Fail / Pass / Excellent percentages, one bar per model in each group."""
     groups = report["groups"]
     fig = _figure(6, 3.6)
@@ -320,10 +324,10 @@ def plot_audit(report: dict, path: str) -> None:
     ax.yaxis.set_major_formatter(lambda v, _: f"{100 * v:.0f}%")
     if len(groups) > 1:
         ax.legend(frameon=False)
-    _savefig(fig, path)
+    return _savefig(fig, path)
 
 
-def plot_likert(report: dict, path: str) -> None:
+def plot_likert(report: dict, path: str) -> "Figure":
     """Mean helpfulness per model / condition with 95% bootstrap intervals, like §5's figures."""
     groups = report["groups"]
     names = list(groups)
@@ -336,7 +340,7 @@ def plot_likert(report: dict, path: str) -> None:
     ax.set_xticks(np.arange(len(names)), names, rotation=30 if tilt else 0, ha="right" if tilt else "center")
     ax.set_ylim(1, 6)
     ax.set_ylabel("helpfulness (1-6)")
-    _savefig(fig, path)
+    return _savefig(fig, path)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -357,9 +361,11 @@ def _atomic(path: str, write) -> None:
         raise
 
 
-def _savefig(fig, path: str) -> None:
+def _savefig(fig, path: str):
+    """Save atomically; returns the figure so callers (and tests) can inspect what was drawn."""
     fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"  # the temp name has no useful suffix
     _atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=150))
+    return fig
 
 
 def write_json(obj, path: str) -> None:
