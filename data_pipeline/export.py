@@ -68,6 +68,7 @@ def plot_lengths(lengths: np.ndarray, max_len: int, png: str, title: str) -> Non
     os.close(fd)
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, png)
 
 
