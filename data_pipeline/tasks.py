@@ -136,10 +136,14 @@ class LimaFeatureConverter(seqio.FeatureConverter):
         lengths = {k: length for k in self.MODEL_FEATURES}
         if not self.pack:
             return seqio.utils.trim_and_pad_dataset(ds, lengths)
+        # seqio's packer treats 0 as padding inside a feature (it mangled 0/1 weights in a test), so the
+        # weights travel as weight + 1 and come back after packing (padding 0 -> -1 -> clipped to 0).
+        ds = ds.map(lambda ex: {**ex, "decoder_loss_weights": ex["decoder_loss_weights"] + 1})
         ds = seqio.utils.trim_and_pack_dataset(ds, lengths, self._use_custom_packing_ops)
 
         def rename(ex):
             out = {k: ex[k] for k in self.MODEL_FEATURES}
+            out["decoder_loss_weights"] = tf.maximum(ex["decoder_loss_weights"] - 1, 0)
             out["decoder_segment_ids"] = ex["decoder_input_tokens_segment_ids"]
             out["decoder_positions"] = ex["decoder_input_tokens_positions"]
             return out
