@@ -1,0 +1,281 @@
+"""lima-aot: compile the real LIMA train (or decode) step for a Cloud TPU slice, on this machine.
+
+The TPU compiler (libtpu, the `tpu` extra) compiles against `jax.experimental.topologies` devices:
+nothing is allocated, no TPU is needed. The program is the one lima-train runs
+(`train.build_train_step`, built from the same gin files), so "fits" is about the real step.
+
+Slices map to topologies through one table. Devices per slice, as the compiler sees them here
+(checked with libtpu 0.0.52): a v4 chip is two devices (one per TensorCore, 16 GiB HBM each), a v5p
+chip one device (both TensorCores, 95 GiB), a v5e chip one device (one TensorCore, 16 GiB).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import time
+from typing import Optional
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    name: str  # Cloud name, e.g. "v4-256" (v4/v5p: TensorCores; v5e: chips)
+    topology: str  # for get_topology_desc
+    chips: int
+    devices: int  # JAX devices the compiler sees
+    hbm_per_device: int  # bytes
+
+
+def _v4_like(gen: str, cores: int, hbm_chip_gib: float, devices_per_chip: int) -> Slice:
+    chips = cores // 2
+    shape = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+             512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16"}[chips]
+    prefix = {"v4": "v4", "v5p": "v5"}[gen]
+    return Slice(f"{gen}-{cores}", f"{prefix}:{shape}", chips, chips * devices_per_chip,
+                 int(hbm_chip_gib * GIB / devices_per_chip))
+
+
+def _v5e(chips: int) -> Slice:
+    shape = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}[chips]
+    return Slice(f"v5e-{chips}", f"v5e:{shape}", chips, chips, 16 * GIB)
+
+
+SLICES: dict[str, Slice] = {}
+for _cores in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
+    SLICES[f"v4-{_cores}"] = _v4_like("v4", _cores, 32, 2)
+for _cores in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
+    SLICES[f"v5p-{_cores}"] = _v4_like("v5p", _cores, 95, 1)
+for _chips in (1, 4, 8, 16, 32, 64, 128, 256):
+    SLICES[f"v5e-{_chips}"] = _v5e(_chips)
+
+
+def get_slice(name: str) -> Slice:
+    if name not in SLICES:
+        raise ValueError(f"unknown TPU slice {name!r}; known: {', '.join(SLICES)}")
+    return SLICES[name]
+
+
+def topology_devices(s: Slice) -> list:
+    from jax.experimental import topologies
+
+    try:
+        devices = list(topologies.get_topology_desc(platform="tpu", topology_name=s.topology).devices)
+    except Exception as e:  # libtpu missing or topology unknown: one line, the cause
+        raise RuntimeError(f"cannot describe TPU topology {s.topology} for {s.name} (is the 'tpu' extra, libtpu, "
+                           f"installed?): {str(e).splitlines()[0]}") from None
+    if len(devices) != s.devices:
+        raise RuntimeError(f"{s.name}: topology {s.topology} gave {len(devices)} devices, the table says {s.devices}")
+    return devices
+
+
+def default_mesh(n_devices: int, batch_size: int) -> dict:
+    """FSDP over as many devices as the batch has rows, tensor parallelism over the rest: the batch
+    must split evenly over data × fsdp, and FSDP is the cheaper of the two for LIMA's short runs."""
+    fsdp = math.gcd(n_devices, batch_size)
+    return {"data": 1, "fsdp": fsdp, "tensor": n_devices // fsdp}
+
+
+def parse_mesh(text: Optional[str], n_devices: int, batch_size: int) -> dict:
+    """'data=2,fsdp=64,tensor=2' → sizes (missing axes: data=1, tensor=1, fsdp=-1 = the rest);
+    None → `default_mesh`."""
+    if not text:
+        return default_mesh(n_devices, batch_size)
+    sizes = {"data": 1, "fsdp": -1, "tensor": 1}
+    if text:
+        for part in text.split(","):
+            key, _, value = part.partition("=")
+            if key.strip() not in sizes or not value.strip().lstrip("-").isdigit():
+                raise ValueError(f"--mesh {text!r}: expected e.g. data=1,fsdp=64,tensor=4")
+            sizes[key.strip()] = int(value)
+    return sizes
+
+
+def model_flops_per_step(config, batch_size: int, seq_len: int) -> float:
+    from lima_jax.train import model_flops_per_step as train_flops
+
+    return train_flops(config, batch_size, seq_len)
+
+
+def _configure(model: str, batch_size: int, seq_len: int, remat: Optional[str], extra_gin: list[str]):
+    """The operative recipe and model config of gin/runs/lima_sft.gin for `model`, as lima-train sees them."""
+    from lima_jax import train
+
+    bindings = [f"BATCH_SIZE={batch_size}", f"MAX_LEN={seq_len}", "INIT_CHECKPOINT=None", "DATA_DIR=None",
+                "TOKENIZER=None"] + list(extra_gin)
+    if remat:
+        bindings.append(f"model_config.remat_policy='{remat}'")
+    train.parse_gin([f"models/{model}.gin", "runs/lima_sft.gin"], bindings)
+    r = train.recipe()
+    config = train.model_config()
+    # As trained: the EOT row appended by `lima-convert --add_eot`, rows padded to 128 for even sharding.
+    config = config.replace(vocab_size=config.vocab_size + 1, vocab_padding_multiple=128)
+    return r, config
+
+
+def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, batch_size: int = 32,
+                 seq_len: int = 2048, remat: Optional[str] = None, step: str = "train",
+                 extra_gin: Optional[list[str]] = None) -> dict:
+    """Compiles the step for the slice and returns the report (see the issue's field list)."""
+    from lima_jax import mesh as mesh_lib, train
+
+    s = get_slice(slice_name)
+    devices = topology_devices(s)
+    r, config = _configure(model, batch_size, seq_len, remat, extra_gin or [])
+    sizes = parse_mesh(mesh_text, len(devices), batch_size)
+    mesh = mesh_lib.make_mesh(devices=devices, **sizes)
+    rules, fsdp_axes = mesh_lib.logical_rules()
+    t0 = time.perf_counter()
+    report = {
+        "model": model, "topology": s.name, "topology_string": s.topology, "chips": s.chips,
+        "mesh": dict(mesh.shape), "n_devices": len(devices), "step": step, "batch_size": batch_size,
+        "seq_len": seq_len, "remat": config.remat_policy, "hbm_bytes": s.hbm_per_device,
+        "n_params": config.num_params(),
+    }
+    try:
+        if step == "train":
+            ts = train.build_train_step(config, r, mesh, rules, fsdp_axes, total_steps=1)
+            lowered = ts.fn.lower(ts.abstract_state, ts.abstract_batch)
+            report["model_flops_per_step"] = model_flops_per_step(config, batch_size, seq_len)
+        elif step == "decode":
+            from lima_jax import decoding
+
+            lowered = decoding.lower_decode_step(config, mesh, rules, batch_size, seq_len)
+            report["model_flops_per_step"] = 2.0 * (config.num_params() - config.vocab_size * config.hidden_size) \
+                * batch_size
+        else:
+            raise ValueError(f"--step must be train or decode, got {step!r}")
+        compiled = lowered.compile()
+    except Exception as e:  # the compiler's own verdict when the program does not fit
+        message = str(e)
+        if "RESOURCE_EXHAUSTED" not in message and "exceeds available HBM" not in message:
+            raise
+        report.update(fits=False, reason=_first_line_with(message, "HBM") or message.splitlines()[0],
+                      compile_s=round(time.perf_counter() - t0, 1), per_device_bytes=None, flops_per_step=None)
+        report.setdefault("model_flops_per_step", model_flops_per_step(config, batch_size, seq_len))
+        needed = re.search(r"\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", message)
+        if needed:
+            report["required_temp_bytes"] = int(float(needed.group(1)) * GIB)
+            report["hbm_bytes"] = int(float(needed.group(2)) * GIB)
+        return report
+    m = compiled.memory_analysis()
+    per_device = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) if cost else None
+    report.update(
+        per_device_bytes=int(per_device),
+        argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
+        temp_bytes=int(m.temp_size_in_bytes), alias_bytes=int(m.alias_size_in_bytes),
+        fits=bool(per_device <= s.hbm_per_device),
+        # cost_analysis counts one device's program (the step's total is that times the devices) and
+        # counts a loop body once, not per iteration: with scanned layers it undercounts by ~layers.
+        flops_per_step=None if flops is None else flops * len(devices),
+        flops_note="compiler cost_analysis × devices; a scanned loop body counts once",
+        compile_s=round(time.perf_counter() - t0, 1),
+    )
+    if not report["fits"]:
+        report["reason"] = (f"needs {per_device / GIB:.2f} GiB per device (arguments + outputs + temporaries − "
+                            f"aliased), the device has {s.hbm_per_device / GIB:.2f} GiB")
+    return report
+
+
+def _first_line_with(text: str, needle: str) -> Optional[str]:
+    return next((line.strip() for line in text.splitlines() if needle in line), None)
+
+
+# ---- the fit table --------------------------------------------------------------------------------
+TABLE_MODELS = ("llama_7b", "llama_13b", "llama_33b", "llama_65b")
+TABLE_SLICES = {"v4": ("v4-8", "v4-16", "v4-32", "v4-64", "v4-128", "v4-256", "v4-512"),
+                "v5p": ("v5p-8", "v5p-16", "v5p-32", "v5p-64", "v5p-128")}
+
+
+def smallest_fitting(model: str, slices: tuple[str, ...], batch_size: int, seq_len: int, log=print) -> dict:
+    """Tries slices in increasing size; the first whose compiled step fits wins."""
+    for name in slices:
+        report = compile_step(model, name, batch_size=batch_size, seq_len=seq_len)
+        log(f"  {model} on {name}: {'fits' if report['fits'] else 'does not fit'} "
+            f"({_gib(report.get('per_device_bytes'))} per device; compile {report['compile_s']} s)")
+        if report["fits"]:
+            return report
+    return {"model": model, "topology": None, "fits": False}
+
+
+def fit_table(batch_size: int = 32, seq_len: int = 2048, log=print) -> str:
+    import libtpu
+
+    rows = []
+    for model in TABLE_MODELS:
+        cells = []
+        for gen, slices in TABLE_SLICES.items():
+            rep = smallest_fitting(model, slices, batch_size, seq_len, log)
+            cells.append("none listed" if not rep["fits"] else
+                         f"{rep['topology']} ({_gib(rep['per_device_bytes'])} / {_gib(rep['hbm_bytes'])})")
+        rows.append(f"| {model} | " + " | ".join(cells) + " |")
+    version = getattr(libtpu, "__version__", "?")
+    head = (f"Smallest slice that fits LIMA SFT (batch {batch_size} × {seq_len}, AdamW fp32 state, bf16 compute, "
+            f"full remat, FSDP over all devices), compiled by libtpu {version} on "
+            f"{datetime.date.today().isoformat()} (per-device bytes / HBM per device):\n\n"
+            "| model | v4 | v5p |\n|---|---|---|")
+    return head + "\n" + "\n".join(rows) + "\n"
+
+
+def _gib(b) -> str:
+    return "n/a" if b is None else f"{b / GIB:.1f} GiB"
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def describe(report: dict) -> str:
+    verdict = "FITS" if report["fits"] else "DOES NOT FIT"
+    lines = [f"{report['model']} {report['step']} step on {report['topology']} ({report['n_devices']} devices, "
+             f"mesh {report['mesh']}): {verdict}",
+             f"  per device: {_gib(report.get('per_device_bytes'))} of {_gib(report['hbm_bytes'])} HBM; "
+             f"compile {report['compile_s']} s"]
+    if report.get("flops_per_step"):
+        lines.append(f"  flops/step {report['flops_per_step']:.3e} (compiler), model flops/step "
+                     f"{report['model_flops_per_step']:.3e}")
+    if not report["fits"]:
+        lines.append(f"  reason: {report.get('reason')}")
+    return "\n".join(lines)
+
+
+# ---- the sharding of every parameter, for review ---------------------------------------------------
+def param_partition_specs(config, mesh_shape: dict, rules) -> dict[str, list]:
+    """{"layers/attn/q_proj": [None, "fsdp", "tensor", None], ...}: where each parameter lives on a mesh
+    of `mesh_shape`, computed from the logical names and rules alone (abstract devices; no libtpu)."""
+    from flax import nnx
+    from jax.sharding import AbstractMesh
+
+    from lima_jax.model import Llama, param_logical_names
+    from lima_jax.sharding import logical_to_spec
+
+    mesh = AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape))
+    model = nnx.eval_shape(lambda: Llama(config))
+    shapes = {tuple(str(p) for p in path): v.shape for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    out = {}
+    for path, names in sorted(param_logical_names(model).items()):
+        spec = logical_to_spec(names, rules, mesh, shapes[path])
+        out["/".join(path)] = [list(e) if isinstance(e, tuple) else e for e in spec]
+    return out
+
+
+def golden_specs(model: str = "llama_65b", slice_name: str = "v4-256", batch_size: int = 32) -> dict:
+    """The partition specs of `model` as lima-aot would train it on `slice_name` (default mesh)."""
+    from lima_jax import mesh as mesh_lib
+
+    _, config = _configure(model, batch_size, 2048, None, [])
+    rules, _ = mesh_lib.logical_rules()
+    mesh_shape = default_mesh(get_slice(slice_name).devices, batch_size)
+    return {"model": model, "slice": slice_name, "mesh": mesh_shape,
+            "specs": param_partition_specs(config, mesh_shape, rules)}

@@ -1,0 +1,48 @@
+"""lima-aot: will this LIMA step fit that TPU slice? Compiled by the TPU compiler, on this machine."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+# AOT compiles for TPU; everything else JAX does here must stay on the CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from lima_jax import aot
+
+    parser = argparse.ArgumentParser(
+        prog="lima-aot", description=__doc__,
+        epilog="Needs the 'tpu' extra (pip install 'lima-jax[tpu]'). Known slices: " + ", ".join(aot.SLICES))
+    parser.add_argument("--model", default="llama_65b", help="gin/models/<model>.gin (default llama_65b)")
+    parser.add_argument("--topology", default="v4-256", help="Cloud TPU slice name, e.g. v4-256, v5p-8, v5e-16")
+    parser.add_argument("--mesh", help="mesh sizes, e.g. data=1,fsdp=64,tensor=4 (default: FSDP over all devices)")
+    parser.add_argument("--batch_size", type=int, default=32, help="global batch in sequences (LIMA: 32)")
+    parser.add_argument("--seq_len", type=int, default=2048, help="context length (LIMA: 2048)")
+    parser.add_argument("--remat", choices=["none", "full", "dots", "dots_with_no_batch_dims"],
+                        help="override the model gin's remat policy")
+    parser.add_argument("--step", choices=["train", "decode"], default="train")
+    parser.add_argument("--gin_bindings", action="append", default=[], help="extra gin binding (repeatable)")
+    parser.add_argument("--json", help="write the report here (JSON)")
+    parser.add_argument("--table", action="store_true",
+                        help="print the README fit table: smallest v4 / v5p slice for 7B-65B (slow: many compiles)")
+    args = parser.parse_args(argv)
+    try:
+        if args.table:
+            table = aot.fit_table(args.batch_size, args.seq_len, log=lambda s: print(s, file=sys.stderr, flush=True))
+            print(table)
+            return 0
+        report = aot.compile_step(args.model, args.topology, args.mesh, args.batch_size, args.seq_len, args.remat,
+                                  args.step, args.gin_bindings)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        parser.exit(2, f"lima-aot: error: {str(e).splitlines()[0]}\n")
+    print(aot.describe(report))
+    if args.json:
+        aot.write_json_atomic(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""lima_jax/aot.py: the slice table, the golden parameter sharding, and the TPU compile of the real step."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from lima_jax import aot, train
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "llama_65b_v4_256_specs.json")
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu (the 'tpu' extra) is not installed: no TPU compiler")
+
+
+def test_slice_table_devices_and_memory():
+    v4 = aot.get_slice("v4-256")
+    assert (v4.topology, v4.chips, v4.devices) == ("v4:4x4x8", 128, 256)
+    assert v4.hbm_per_device == 16 * 2 ** 30
+    v5p = aot.get_slice("v5p-8")
+    assert (v5p.topology, v5p.chips, v5p.devices, v5p.hbm_per_device) == ("v5:2x2x1", 4, 4, 95 * 2 ** 30)
+    assert aot.get_slice("v5e-16").topology == "v5e:4x4"
+    with pytest.raises(ValueError, match="unknown TPU slice 'v9-8'"):
+        aot.get_slice("v9-8")
+
+
+def test_default_mesh_splits_the_batch_evenly():
+    assert aot.default_mesh(256, 32) == {"data": 1, "fsdp": 32, "tensor": 8}
+    assert aot.default_mesh(8, 32) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert aot.parse_mesh("fsdp=64,tensor=4", 256, 32) == {"data": 1, "fsdp": 64, "tensor": 4}
+    with pytest.raises(ValueError, match="--mesh"):
+        aot.parse_mesh("pipeline=2", 8, 32)
+
+
+def test_llama_65b_sharding_matches_golden():
+    """A change to the logical rules or the parameter names shows up here, in review."""
+    with open(GOLDEN) as f:
+        golden = json.load(f)
+    assert aot.golden_specs() == golden
+    # and the golden says what we mean: FSDP on embed, tensor parallel on heads / mlp / vocab
+    specs = golden["specs"]
+    assert specs["layers/attn/q_proj"] == [None, "fsdp", "tensor", None]
+    assert specs["layers/mlp/down_proj"] == [None, "tensor", "fsdp"]
+
+
+def _tiny_compile(monkeypatch, **kwargs):
+    """Compiles the tiny model's train step for a v4-8, recording what aot lowered."""
+    calls = []
+    real_build = train.build_train_step
+
+    class Spy:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def lower(self, *args):
+            calls.append(args)
+            return self.fn.lower(*args)
+
+    def spy_build(*args, **kw):
+        ts = real_build(*args, **kw)
+        calls.append(ts)
+        return ts._replace(fn=Spy(ts.fn))
+
+    monkeypatch.setattr(train, "build_train_step", spy_build)
+    report = aot.compile_step("tiny", "v4-8", batch_size=8, seq_len=64, **kwargs)
+    return report, calls
+
+
+@needs_libtpu
+def test_compiles_the_very_train_step_lima_train_uses(monkeypatch):
+    report, calls = _tiny_compile(monkeypatch)
+    ts, lowered_with = calls
+    # the function lowered is train.build_train_step's own jitted step, on its own abstract inputs
+    assert isinstance(ts, train.TrainStep)
+    assert lowered_with == (ts.abstract_state, ts.abstract_batch)
+    assert report["fits"] is True and report["n_devices"] == 8
+
+
+@needs_libtpu
+def test_cli_writes_every_field(tmp_path):
+    from lima_jax.cli import aot as cli
+
+    out = tmp_path / "r.json"
+    assert cli.main(["--model", "tiny", "--topology", "v4-8", "--batch_size", "8", "--seq_len", "64",
+                     "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for field in ("model", "topology", "mesh", "n_devices", "per_device_bytes", "hbm_bytes", "fits",
+                  "flops_per_step", "model_flops_per_step", "compile_s"):
+        assert field in report, field
+    assert report["per_device_bytes"] == (report["argument_bytes"] + report["output_bytes"] + report["temp_bytes"]
+                                          - report["alias_bytes"])
+    assert report["flops_per_step"] > 0 and report["model_flops_per_step"] > 0
+
+
+def test_cli_bad_slice_is_one_line(capsys):
+    from lima_jax.cli import aot as cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--topology", "v9-8"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("lima-aot: error: unknown TPU slice 'v9-8'")
+
+
+# The acceptance figures: minutes of compiling each, so run on demand: pytest -m slow tests/test_aot.py
+@pytest.mark.slow
+@needs_libtpu
+@pytest.mark.parametrize("model,slice_name,fits", [("llama_65b", "v4-256", True), ("llama_65b", "v4-8", False),
+                                                   ("llama_7b", "v5p-8", True)])
+def test_lima_sft_fit(model, slice_name, fits):
+    report = aot.compile_step(model, slice_name, batch_size=32, seq_len=2048)
+    assert report["fits"] is fits, report
+    if not fits:
+        assert report["reason"]
