@@ -127,7 +127,8 @@ def html_to_markdown(html: str) -> str:
     # Tidy whitespace outside code blocks: no trailing spaces, at most one blank line.
     parts = re.split(r"(```.*?```)", text, flags=re.S)
     for i in range(0, len(parts), 2):
-        p = re.sub(r"[ \t]+\n", "\n", parts[i])
+        p = re.sub(r"(?<=\S) {2,}", " ", parts[i])  # a dropped <img> leaves two spaces
+        p = re.sub(r"[ \t]+\n", "\n", p)
         p = re.sub(r"\n[ \t]+(?=[^-\d \t])", "\n", p)
         parts[i] = re.sub(r"\n{3,}", "\n\n", p)
     return re.sub(r"\n{3,}", "\n\n", "".join(parts)).strip()
