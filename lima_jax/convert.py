@@ -118,7 +118,7 @@ def save_params_streaming(directory: str, flat: dict[tuple[str, ...], LazyArray]
     """Writes {path: LazyArray} as an Orbax checkpoint at `directory` (which must not exist)."""
     import orbax.checkpoint as ocp
 
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_streaming_registry())
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_streaming_registry(), use_compression=False)
     with ocp.Checkpointer(handler) as ckptr:
         ckptr.save(os.path.abspath(directory), args=ocp.args.PyTreeSave(hf_io.unflatten(flat)))
 
