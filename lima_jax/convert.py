@@ -47,13 +47,17 @@ def _dtype(name: Optional[str]) -> Optional[np.dtype]:
 
 
 # ---- atomic output folders ----------------------------------------------------------------------
+def check_output(out_dir: str, overwrite: bool) -> None:
+    if os.path.lexists(out_dir) and not overwrite:
+        raise FileExistsError(f"{os.path.abspath(out_dir)}: output already exists (pass --overwrite to replace it)")
+
+
 @contextlib.contextmanager
 def staged_output(out_dir: str, overwrite: bool = False):
     """Yields a fresh temporary folder next to `out_dir`; renamed to `out_dir` when the block
     succeeds, removed when it fails. An existing `out_dir` is an error unless `overwrite`."""
     out_dir = os.path.abspath(out_dir)
-    if os.path.lexists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir}: output already exists (pass --overwrite to replace it)")
+    check_output(out_dir, overwrite)
     parent = os.path.dirname(out_dir)
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"{parent}: parent folder of the output does not exist")
@@ -172,6 +176,7 @@ def hf_to_orbax(hf_dir: str, out_dir: str, dtype: Optional[str] = None, add_eot:
                 log: Callable[[str], None] = lambda s: None) -> LlamaConfig:
     """Converts an HF LLaMA folder; returns the written config. dtype None keeps the stored dtype."""
     np_dtype = _dtype(dtype)
+    check_output(out_dir, overwrite)  # before any reading
     hf_dir = os.path.abspath(hf_dir)
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"{hf_dir}: no such directory")
@@ -280,6 +285,7 @@ def orbax_to_hf(ckpt_dir: str, out_dir: str, step: Optional[int] = None, max_sha
     """Exports a converted checkpoint or a training model_dir as an HF LLaMA folder."""
     np_dtype = _dtype(dtype)
     limit = parse_size(max_shard_size)
+    check_output(out_dir, overwrite)  # before any reading
     ckpt_dir = os.path.abspath(ckpt_dir)
     config, get, meta, close = _load_source(ckpt_dir, step)
     try:

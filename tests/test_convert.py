@@ -82,7 +82,8 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, variant, dt
         b = after[name]
         assert (b.dtype, b.shape) == (a.dtype, a.shape), name
         assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), name
-    assert {a.dtype for a in after.values()} == {np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)}
+    want = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
+    assert {a.dtype for a in after.values()} == {want}
     if variant == "tied":
         assert "lm_head.weight" not in after
     with open(os.path.join(out, "config.json")) as f:
