@@ -105,7 +105,8 @@ def gather_layer_params(layer_state):
                     x = jax.lax.all_gather(x, axes if len(axes) > 1 else axes[0], axis=dim, tiled=True)
             return x
 
-        full = jax.shard_map(gather, mesh=mesh, in_specs=spec, out_specs=out_spec)(value)
+        # all_gather's result is the same on every fsdp shard, which check_vma cannot infer.
+        full = jax.shard_map(gather, mesh=mesh, in_specs=spec, out_specs=out_spec, check_vma=False)(value)
         return var.replace(full)
 
     return jax.tree.map(one, layer_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -229,7 +229,7 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
             grads = jax.tree.map(lambda g: g / denom, grads)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            metrics = {"loss": loss_sum / denom, "accuracy": correct / denom, "grad_norm": optax.global_norm(grads),
+            metrics = {"loss": loss_sum / denom, "accuracy": correct / denom, "grad_norm": optax.tree.norm(grads),
                        "lr": schedule(state.step), "loss_tokens": weight}
             return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
@@ -300,7 +300,14 @@ def restore_model_dir_params(model_dir: str, step: Optional[int] = None) -> tupl
     elif step not in steps:
         raise ValueError(f"{model_dir}: no checkpoint for step {step}; steps present: {steps}")
     config = LlamaConfig.load_json(os.path.join(model_dir, CONFIG_FILE))
-    return config, checkpoint.restore_params(os.path.join(model_dir, CHECKPOINTS, str(step), "params"), config)
+    import orbax.checkpoint as ocp
+
+    # Saved from any mesh; restored whole onto this process's first device.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params(config))
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.abspath(os.path.join(model_dir, CHECKPOINTS, str(step), "params")), target)
+    return config, jax.tree.map(np.asarray, params)
 
 
 def _save(mngr, step: int, state: TrainState, data_state: dict, meta: dict) -> None:
@@ -335,22 +342,31 @@ def peak_flops_per_device() -> Optional[float]:
 
 
 class ScalarWriter:
-    """TensorBoard scalars via tensorboard's own event writer (no TensorFlow import)."""
+    """TensorBoard scalars: event records written with tensorboard's RecordWriter to a local file
+    (tensorboard's own EventFileWriter goes through tf.io.gfile and would import TensorFlow: ~10 s)."""
 
     def __init__(self, log_dir: str):
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        import socket
 
-        self._writer = EventFileWriter(log_dir)
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        os.makedirs(log_dir, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self._file = open(os.path.join(log_dir, name), "wb")
+        self._records = RecordWriter(self._file)
+        self._records.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
 
     def write(self, step: int, scalars: dict) -> None:
         from tensorboard.compat.proto import event_pb2, summary_pb2
 
         values = [summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()]
-        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step,
-                                               summary=summary_pb2.Summary(value=values)))
+        event = event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=values))
+        self._records.write(event.SerializeToString())
+        self._records.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        self._records.close()
 
 
 def _write_text_atomic(path: str, text: str) -> None:

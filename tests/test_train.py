@@ -1,0 +1,292 @@
+"""lima-train: the recipe, the demo run, mesh parity, sharding, bit-exact resume after kill -9, two hosts.
+
+The runs are shared (module fixtures): one uninterrupted 1-device run in this process is the reference
+for the resumed run; one 8-fake-device run (subprocess: the device count is fixed at JAX import) is the
+reference for the two-process run. All use tests/train_fake.gin (tiny model, float32, 3 epochs of 3
+steps, batch 8 × 32, 2 microbatches, dropout on) on tests/train_fakes.ArrayInput.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from lima_jax import config as config_lib
+from lima_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAKE_GIN = os.path.join(ROOT, "tests", "train_fake.gin")
+CPU8_GIN = os.path.join(ROOT, "gin", "meshes", "cpu_8.gin")
+TOTAL_STEPS = 9  # 24 examples / batch 8 = 3 steps per epoch, 3 epochs
+
+
+def _env(devices: int, **extra) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env.update(extra)
+    return env
+
+
+def _cmd(model_dir, *extra) -> list[str]:
+    return [sys.executable, "-m", "lima_jax.train", f"--gin_file={FAKE_GIN}", f"--model_dir={model_dir}", *extra]
+
+
+def _run(cmd, env, timeout=240):
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _scalars(model_dir: str, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(model_dir, "tensorboard"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))
+
+
+def _logits(config, params, tokens):
+    from lima_jax.language_model import LanguageModel, build_model
+
+    config = config.replace(dtype="float32", param_dtype="float32", residual_dropout=0.0)
+    return LanguageModel(config, build_model(config, params)).logits(tokens)
+
+
+TOKENS = np.random.default_rng(0).integers(3, 500, size=(2, 24)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def run_1dev(tmp_path_factory):
+    """The uninterrupted reference run, in this process (one CPU device)."""
+    assert jax.device_count() == 1, "the reference run expects this process to see one device"
+    model_dir = str(tmp_path_factory.mktemp("one") / "run")
+    train.main([f"--gin_file={FAKE_GIN}", f"--model_dir={model_dir}"])
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def run_8dev(tmp_path_factory):
+    model_dir = str(tmp_path_factory.mktemp("eight") / "run")
+    _run(_cmd(model_dir, f"--gin_file={CPU8_GIN}"), _env(8))
+    return model_dir
+
+
+# ---- the recipe ---------------------------------------------------------------------------------
+def _parse(*files, bindings=()):
+    train.parse_gin([os.path.join(ROOT, "gin", f) for f in files], list(bindings))
+
+
+def test_lima_sft_recipe_has_the_papers_values():
+    _parse("models/llama_65b.gin", "meshes/single.gin", "runs/lima_sft.gin",
+           bindings=["INIT_CHECKPOINT='/ckpt'", "DATA_DIR='/data'", "TOKENIZER='/ckpt/tokenizer.model'"])
+    r = train.recipe()
+    config = train.model_config()
+    operative = gin.operative_config_str()
+    assert (r.b1, r.b2, r.weight_decay) == (0.9, 0.95, 0.1)
+    assert (r.learning_rate, r.final_learning_rate, r.warmup_steps) == (1e-5, 1e-6, 0)
+    assert (r.num_epochs, r.batch_size, r.max_len) == (15, 32, 2048)
+    assert config.residual_dropout == 0.3 and config.num_layers == 80
+    for line in ("NUM_EPOCHS = 15", "BATCH_SIZE = 32", "MAX_LEN = 2048",
+                 "recipe.b1 = 0.9", "recipe.b2 = 0.95", "recipe.weight_decay = 0.1", "recipe.warmup_steps = 0",
+                 "recipe.learning_rate = 1e-05", "recipe.final_learning_rate = 1e-06",
+                 "model_config.residual_dropout = 0.3"):
+        assert line in operative, f"operative config lacks {line!r}"
+    assert gin.query_parameter("train.checkpoint_every_epoch") is True
+    assert gin.query_parameter("MIXTURE/macro.value") == "lima_1k"
+    # LR: 1e-5 at the first step, 1e-6 at the last, linear in between (LIMA: 1000 examples, batch 32).
+    total = r.num_epochs * -(-1000 // r.batch_size)
+    schedule = train.learning_rate_schedule(r, total)
+    assert float(schedule(0)) == pytest.approx(1e-5, rel=1e-6)
+    assert float(schedule(total - 1)) == pytest.approx(1e-6, rel=1e-5)
+    assert float(schedule(total // 2)) == pytest.approx(1e-5 + (1e-6 - 1e-5) * (total // 2) / (total - 1), rel=1e-5)
+    # Residual dropout: 0 at the bottom layer, rising linearly to 0.3 at the top.
+    rates = np.asarray(config.layer_dropout_rates())
+    np.testing.assert_allclose(rates, 0.3 * np.arange(80) / 79, rtol=1e-12)
+    gin.clear_config()
+
+
+def test_optimizer_is_adamw_with_the_recipe(tmp_path):
+    """One step of our optimizer equals optax.adamw's (no decay on norm scales)."""
+    import optax
+
+    r = train.Recipe(1, 8, 32, 1e-5, 1e-6, 0, 0.9, 0.95, 0.1, 1, 0)
+    params = {"w": np.ones((2, 2), np.float32), "norm": {"scale": np.ones(2, np.float32)}}
+    grads = jax.tree.map(lambda p: 0.5 * p, params)
+    updates, _ = train.make_optimizer(r, 10).update(grads, train.make_optimizer(r, 10).init(params), params)
+    ref, _ = optax.adamw(1e-5, b1=0.9, b2=0.95, weight_decay=0.1).update(
+        grads["w"], optax.adamw(1e-5).init(params["w"]), params["w"])
+    np.testing.assert_allclose(updates["w"], ref, rtol=1e-6)
+    np.testing.assert_allclose(updates["norm"]["scale"], -1e-5 * np.ones(2), rtol=1e-4)  # Adam, no decay
+
+
+def test_token_loss_is_masked_mean():
+    logits = np.log(np.asarray([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]], np.float32))
+    loss, correct, weight = train.token_loss(logits, np.asarray([[0, 2]]), np.asarray([[1.0, 0.0]]))
+    assert float(loss / weight) == pytest.approx(-np.log(0.5), rel=1e-6)
+    assert float(correct) == 1.0 and float(weight) == 1.0
+
+
+# ---- a run, its outputs, its resume -------------------------------------------------------------
+def test_run_trains_checkpoints_per_epoch_and_saves_operative_config(run_1dev):
+    steps = train.list_checkpoint_steps(run_1dev)
+    assert steps == [3, 6, 9]
+    assert train.epoch_steps(run_1dev) == {1: 3, 2: 6, 3: 9}
+    operative = open(os.path.join(run_1dev, train.OPERATIVE_CONFIG)).read()
+    assert "NUM_EPOCHS = 3" in operative and "recipe.grad_accum_steps = 2" in operative
+    loss = _scalars(run_1dev, "loss")
+    assert sorted(loss) == list(range(1, TOTAL_STEPS + 1))
+    assert np.mean([loss[s] for s in (7, 8, 9)]) < np.mean([loss[s] for s in (1, 2, 3)]) - 0.3, loss
+    lr = _scalars(run_1dev, "lr")
+    assert lr[1] == pytest.approx(3e-3) and lr[TOTAL_STEPS] == pytest.approx(3e-4)
+    for tag in ("accuracy", "grad_norm", "tokens_per_s", "step_time_s"):
+        assert len(_scalars(run_1dev, tag)) == TOTAL_STEPS
+    # lima_jax.load_pretrained(model_dir) gives the latest params.
+    import lima_jax
+
+    config, params = train.restore_model_dir_params(run_1dev)
+    lm = lima_jax.load_pretrained(run_1dev)
+    np.testing.assert_allclose(lm.logits(TOKENS), _logits(config, params, TOKENS), atol=1e-6)
+    _, first = train.restore_model_dir_params(run_1dev, step=3)
+    assert _max_diff(first, params) > 1e-4
+
+
+def test_kill_9_after_first_checkpoint_then_resume_is_bit_identical(run_1dev, tmp_path):
+    model_dir = str(tmp_path / "run")
+    # Epochs after the first are slowed (test input only) so the kill lands before the run ends.
+    proc = subprocess.Popen(_cmd(model_dir), env=_env(1, LIMA_FAKE_INPUT_DELAY_AFTER_EPOCH1="1.0"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not train.list_checkpoint_steps(model_dir):
+        assert proc.poll() is None, f"run ended before its first checkpoint:\n{proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "no checkpoint within 180 s"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert train.list_checkpoint_steps(model_dir)[-1] < TOTAL_STEPS
+    _run(_cmd(model_dir), _env(1))  # the same command again
+    assert train.list_checkpoint_steps(model_dir)[-1] == TOTAL_STEPS
+    _, resumed = train.restore_model_dir_params(model_dir)
+    _, reference = train.restore_model_dir_params(run_1dev)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
+    model_dir = str(tmp_path / "run")
+    proc = subprocess.Popen(_cmd(model_dir), env=_env(1, LIMA_FAKE_INPUT_DELAY_AFTER_EPOCH1="0.5"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while not train.list_checkpoint_steps(model_dir):
+        assert proc.poll() is None and time.time() < deadline, "no first checkpoint"
+        time.sleep(0.05)
+    time.sleep(0.8)  # inside epoch 2
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: saved step" in out
+    steps = train.list_checkpoint_steps(model_dir)
+    assert steps[-1] not in (3, TOTAL_STEPS), steps  # a mid-epoch checkpoint
+    assert not train.checkpoint_meta(model_dir, steps[-1])["end_of_epoch"]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_last_good_checkpoint(tmp_path):
+    model_dir = str(tmp_path / "run")
+    # A learning rate of 1e30 blows the weights up after the first step.
+    with pytest.raises(FloatingPointError, match=r"train\.py: loss is (nan|inf) at step \d+"):
+        train.main([f"--gin_file={FAKE_GIN}", f"--model_dir={model_dir}", "--gin_bindings=recipe.learning_rate=1e30",
+                    "--gin_bindings=recipe.final_learning_rate=1e30", "--gin_bindings=model_config.remat_policy='none'"])
+    for step in train.list_checkpoint_steps(model_dir):
+        _, params = train.restore_model_dir_params(model_dir, step)
+        assert all(np.isfinite(a).all() for a in jax.tree.leaves(params))
+
+
+# ---- meshes and hosts ---------------------------------------------------------------------------
+def test_8_devices_fsdp_tensor_match_1_device(run_1dev, run_8dev):
+    config, p1 = train.restore_model_dir_params(run_1dev)
+    _, p8 = train.restore_model_dir_params(run_8dev)
+    np.testing.assert_allclose(_logits(config, p8, TOKENS), _logits(config, p1, TOKENS), atol=1e-4, rtol=0)
+    # Adam is blind to a gradient's scale, so compare the gradient norms too.
+    g1, g8 = _scalars(run_1dev, "grad_norm"), _scalars(run_8dev, "grad_norm")
+    np.testing.assert_allclose([g8[s] for s in sorted(g1)], [g1[s] for s in sorted(g1)], rtol=1e-4)
+
+
+def test_two_processes_reproduce_one_process(run_8dev, tmp_path):
+    model_dir = str(tmp_path / "run")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(_cmd(model_dir, f"--gin_file={CPU8_GIN}", f"--coordinator_address=127.0.0.1:{port}",
+                                   "--num_processes=2", f"--process_id={i}"),
+                              env=_env(4), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert train.list_checkpoint_steps(model_dir) == [3, 6, 9]
+    _, p2 = train.restore_model_dir_params(model_dir)
+    _, p8 = train.restore_model_dir_params(run_8dev)
+    assert _max_diff(p2, p8) < 1e-5
+
+
+SHARDING_CHECK = r"""
+import os, sys
+import jax, numpy as np
+from lima_jax import train
+train.parse_gin([sys.argv[1], sys.argv[2]], [])
+mesh = train.mesh_lib.make_mesh()
+rules, fsdp = train.mesh_lib.logical_rules()
+config = train.model_config()
+r = train.recipe()
+ts = train.build_train_step(config, r, mesh, rules, fsdp, 9)
+state = train.init_state(config, ts, 0, None)
+q = state.params["layers"]["attn"]["q_proj"]
+mu = state.opt_state[0].mu["layers"]["mlp"]["up_proj"]
+print("Q", tuple(q.sharding.spec), len(q.addressable_shards), q.addressable_shards[0].data.shape, q.shape)
+print("MU", tuple(mu.sharding.spec), mu.addressable_shards[0].data.shape, mu.shape)
+print("EMBED", tuple(state.params["embed"].sharding.spec))
+"""
+
+
+def test_large_params_and_optimizer_state_are_sharded_on_the_mesh():
+    proc = _run([sys.executable, "-c", SHARDING_CHECK, FAKE_GIN, CPU8_GIN], _env(8))
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.split(" ")[0] in ("Q", "MU", "EMBED"))
+    # q_proj [layers, embed, heads, head_dim]: embed over fsdp, heads over tensor -> a quarter per device.
+    assert lines["Q"] == "(None, 'fsdp', 'tensor', None) 8 (2, 32, 2, 16) (2, 64, 4, 16)", lines
+    assert lines["MU"].startswith("(None, 'fsdp', 'tensor') (2, 32, 88)"), lines
+    assert lines["EMBED"] == "('tensor', 'fsdp')", lines
+
+
+def test_make_mesh_sizes():
+    devices = jax.devices() * 8  # only shapes are checked
+    assert dict(train.mesh_lib.make_mesh(2, -1, 2, devices=devices).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        train.mesh_lib.make_mesh(2, 4, 2, devices=devices)
+
+
+# ---- the demo (real data pipeline) --------------------------------------------------------------
+def test_demo_gin_trains_on_the_demo_data(tmp_path):
+    demo_data = pytest.importorskip("data_pipeline.demo_data", reason="data_pipeline.demo_data not built yet")
+    data_dir, tok_dir = str(tmp_path / "data"), str(tmp_path / "tokenizer")
+    demo_data.write_demo_data(data_dir)
+    tokenizer = demo_data.train_demo_tokenizer(tok_dir, 500)
+    model_dir = str(tmp_path / "run")
+    train.main([f"--gin_file={os.path.join(ROOT, 'gin', 'runs', 'demo.gin')}", f"--model_dir={model_dir}",
+                f"--gin_bindings=DATA_DIR='{data_dir}'", f"--gin_bindings=TOKENIZER='{tokenizer}'"])
+    assert sorted(train.epoch_steps(model_dir)) == [1, 2, 3]
+    assert os.path.exists(os.path.join(model_dir, train.OPERATIVE_CONFIG))
+    loss = _scalars(model_dir, "loss")
+    steps = sorted(loss)
+    assert loss[steps[-1]] < loss[steps[0]]
