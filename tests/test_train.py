@@ -278,10 +278,12 @@ def test_make_mesh_sizes():
 
 # ---- the demo (real data pipeline) --------------------------------------------------------------
 def test_demo_gin_trains_on_the_demo_data(tmp_path):
-    demo_data = pytest.importorskip("data_pipeline.demo_data", reason="data_pipeline.demo_data not built yet")
-    data_dir, tok_dir = str(tmp_path / "data"), str(tmp_path / "tokenizer")
-    demo_data.write_demo_data(data_dir)
-    tokenizer = demo_data.train_demo_tokenizer(tok_dir, 500)
+    from data_pipeline import demo_data, lima_dataset
+
+    manual, data_dir = str(tmp_path / "manual"), str(tmp_path / "data")
+    demo_data.write_demo_data(manual)
+    lima_dataset.build(manual, data_dir)
+    tokenizer = demo_data.train_demo_tokenizer(str(tmp_path / "tokenizer"))
     model_dir = str(tmp_path / "run")
     train.main([f"--gin_file={os.path.join(ROOT, 'gin', 'runs', 'demo.gin')}", f"--model_dir={model_dir}",
                 f"--gin_bindings=DATA_DIR='{data_dir}'", f"--gin_bindings=TOKENIZER='{tokenizer}'"])

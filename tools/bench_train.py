@@ -1,0 +1,135 @@
+"""Training throughput on this machine: lima-train's step vs a transformers + torch AdamW step.
+
+The 58M config (hidden 512, 8 layers, 8 heads, FFN 1376, vocab 32000), batch 4 × 512, float32 on CPU,
+both sides from the same random weights; plus MFU of each against a float32 matmul peak measured here
+(XLA 2048³ matmul). Run by hand:
+    JAX_PLATFORMS=cpu python tools/bench_train.py [--steps 5] [--json out.json]
+Our step is the very one lima-train runs (`train.build_train_step`), on a 1-device mesh.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CONFIG = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
+              max_position_embeddings=512)
+BATCH, SEQ = 4, 512
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
+    return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def batch_arrays(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, CONFIG["vocab_size"], size=(BATCH, SEQ + 1)).astype(np.int32)
+    return {"decoder_input_tokens": tokens[:, :-1], "decoder_target_tokens": tokens[:, 1:],
+            "decoder_loss_weights": np.ones((BATCH, SEQ), np.float32)}
+
+
+def bench_jax(steps: int, remat: str) -> dict:
+    import jax
+
+    from lima_jax import mesh as mesh_lib, sharding, train
+    from lima_jax.config import LlamaConfig
+
+    config = LlamaConfig(**CONFIG, dtype="float32", param_dtype="float32", remat_policy=remat)
+    r = train.Recipe(1, BATCH, SEQ, 1e-5, 1e-6, 0, 0.9, 0.95, 0.1, 1, 0)
+    mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    ts = train.build_train_step(config, r, mesh, sharding.DEFAULT_RULES, (), total_steps=steps + 2)
+    state = train.init_state(config, ts, 0, None)
+    batch = {k: jax.device_put(v, ts.batch_sharding) for k, v in batch_arrays().items()}
+    t = time.perf_counter()
+    compiled = ts.fn.lower(ts.abstract_state, ts.abstract_batch).compile()
+    compile_s = time.perf_counter() - t
+    state, m = compiled(state, batch)  # warm-up
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    return {"step_s": float(np.median(times)), "compile_s": compile_s, "loss": float(m["loss"]),
+            "flops": train.model_flops_per_step(config, BATCH, SEQ)}
+
+
+def bench_torch(steps: int) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=CONFIG["vocab_size"], hidden_size=CONFIG["hidden_size"],
+        intermediate_size=CONFIG["intermediate_size"], num_hidden_layers=CONFIG["num_layers"],
+        num_attention_heads=CONFIG["num_heads"], max_position_embeddings=CONFIG["max_position_embeddings"],
+        attention_dropout=0.0)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
+    b = batch_arrays()
+    inputs = torch.tensor(b["decoder_input_tokens"], dtype=torch.long)
+    labels = torch.tensor(b["decoder_target_tokens"], dtype=torch.long)
+
+    def step():
+        logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    step()  # warm-up
+    times = [_timed(step) for _ in range(steps)]
+    return {"step_s": float(np.median(times)), "threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (median reported)")
+    parser.add_argument("--remat", default="none", help="our remat policy (none, full, dots, ...)")
+    parser.add_argument("--json", help="write the figures here too")
+    args = parser.parse_args(argv)
+    peak = matmul_peak()
+    ours = bench_jax(args.steps, args.remat)
+    torch_ = bench_torch(args.steps)
+    tokens = BATCH * SEQ
+    flops = ours["flops"]
+    result = {
+        "config": CONFIG, "batch": BATCH, "seq_len": SEQ, "matmul_peak_gflops": peak / 1e9,
+        "ours_tokens_per_s": tokens / ours["step_s"], "torch_tokens_per_s": tokens / torch_["step_s"],
+        "speedup_vs_torch": torch_["step_s"] / ours["step_s"],
+        "ours_mfu": flops / ours["step_s"] / peak, "torch_mfu": flops / torch_["step_s"] / peak,
+        "ours_step_s": ours["step_s"], "torch_step_s": torch_["step_s"], "ours_compile_s": ours["compile_s"],
+        "torch_threads": torch_["threads"], "remat": args.remat,
+    }
+    for k, v in result.items():
+        print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()
