@@ -13,7 +13,6 @@ import json
 import re
 from typing import Iterable, Optional
 
-import numpy as np
 
 from data_pipeline.curate.common import CurationResult
 
@@ -64,16 +63,8 @@ def curate(path: str, n: Optional[int] = 200, seed: int = 0, min_chars: int = 50
             continue
         titles.add(prompt.lower())
         answer = clean_article(text)
-        if len(answer) < min_chars:
-            result.drop("too_short")
-            continue
-        if len(answer) > max_chars:
-            result.drop("too_long")
+        if not result.length_ok(answer, min_chars, max_chars):
             continue
         pool.append({"conversations": [prompt, answer], "source": "wikihow"})
-    if n is not None and len(pool) > n:
-        keep = sorted(np.random.default_rng(seed).choice(len(pool), n, replace=False))
-        result.dropped["over_quota"] += len(pool) - n
-        pool = [pool[i] for i in keep]
-    result.pairs = pool
+    result.keep_sample(pool, n, seed)
     return result

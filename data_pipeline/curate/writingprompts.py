@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-import numpy as np
 
 from data_pipeline.curate.common import CurationResult
 
@@ -45,16 +44,8 @@ def curate(source_path: str, target_path: str, n: Optional[int] = 150, seed: int
             if not prompt or not story:
                 result.drop("empty")
                 continue
-            if len(story) < min_chars:
-                result.drop("too_short")
-                continue
-            if len(story) > max_chars:
-                result.drop("too_long")
+            if not result.length_ok(story, min_chars, max_chars):
                 continue
             pool.append({"conversations": [prompt, story], "source": "writingprompts"})
-    if n is not None and len(pool) > n:
-        keep = sorted(np.random.default_rng(seed).choice(len(pool), n, replace=False))
-        result.dropped["over_quota"] += len(pool) - n
-        pool = [pool[i] for i in keep]
-    result.pairs = pool
+    result.keep_sample(pool, n, seed)
     return result
