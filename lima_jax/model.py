@@ -127,9 +127,10 @@ class Attention(nnx.Module):
         self.num_groups = h // kvh
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
-        """x [B,T,E]; mask [B,T,S] bool (True = may attend). With kv_cache=(k, v) of [B,S,KVH,D] the new
-        keys/values are written at cache_index and attention runs over all S slots. Returns
-        (out [B,T,E], (k_new, v_new) [B,T,KVH,D])."""
+        """x [B,T,E]; mask [B,T,S] bool (True = may attend). With kv_cache=(k, v, layer), k and v the
+        all-layer buffers [L,B,S,KVH,D], the new keys/values are written at (layer, cache_index) and
+        attention runs over all S slots of that layer. Returns (out [B,T,E], (k, v)): the new tokens'
+        [B,T,KVH,D], or the updated buffers when a cache was given."""
         dtype = x.dtype
         q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dtype))
         k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dtype))
@@ -139,16 +140,36 @@ class Attention(nnx.Module):
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         keys, values = k, v
         if kv_cache is not None:
-            keys = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, cache_index, 0, 0))
-            values = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, cache_index, 0, 0))
-            keys, values = keys.astype(dtype), values.astype(dtype)
+            # Write the new slots into the all-layer buffers first, then read this layer back: the
+            # buffers are updated in place (reading the old layer first made XLA copy them whole).
+            k_all, v_all, layer = kv_cache
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, cache_index, 0, 0))
+            keys = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(dtype)
+            values = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(dtype)
+            k, v = k_all, v_all
         b, t, h, d = q.shape
-        kvh = keys.shape[2]
-        q = q.reshape(b, t, kvh, self.num_groups, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) / math.sqrt(d)
+        s, kvh = keys.shape[1], keys.shape[2]
+        one_step = kv_cache is not None and t == 1
+        if one_step:
+            # Decoding: score every (slot, kv head) pair, then keep each head's own group. A batched
+            # dot over kv heads would transpose this layer's whole cache at every step.
+            pairs = jnp.einsum("bqd,bpd->bqp", q.reshape(b, kvh * self.num_groups, d), keys.reshape(b, s * kvh, d),
+                               preferred_element_type=jnp.float32).reshape(b, kvh, self.num_groups, s, kvh)
+            own = jnp.eye(kvh, dtype=bool)[:, None, None, :]
+            scores = jnp.sum(jnp.where(own, pairs, 0.0), axis=-1)[:, :, :, None, :] / math.sqrt(d)
+        else:
+            q = q.reshape(b, t, kvh, self.num_groups, d)
+            scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) / math.sqrt(d)
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, d)
+        if one_step:
+            pairs = jnp.einsum("bqs,bsp->bqp", probs.reshape(b, kvh * self.num_groups, s), values.reshape(b, s, kvh * d))
+            own = jnp.eye(kvh, dtype=bool)[:, None, :, None]
+            pairs = pairs.reshape(b, kvh, self.num_groups, kvh, d)
+            out = jnp.sum(jnp.where(own, pairs, jnp.zeros((), pairs.dtype)), axis=3).reshape(b, t, h, d)
+        else:
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, d)
         out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dtype))
         return out, (k, v)
 
@@ -261,18 +282,11 @@ class Llama(nnx.Module):
         def one_layer(x, layer_params, layer_index, cache_kv):
             layer = nnx.merge(graphdef, gather_layer_params(layer_params))  # FSDP: per layer, in the loop
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer_index)
-            kv = None
-            if cache_kv is not None:
-                kv = tuple(jax.lax.dynamic_index_in_dim(c, layer_index, keepdims=False) for c in cache_kv)
+            kv = None if cache_kv is None else (*cache_kv, layer_index)  # the layer writes its slots
             return layer(x, cos, sin, mask, rates[layer_index], key, kv, cache_index)
 
         if cfg.remat_policy != "none":
             one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat_policy])
-
-        def write(cache_kv, new_kv, layer_index):
-            # Only the new tokens' slots are written, in place in the carried buffers.
-            return tuple(jax.lax.dynamic_update_slice(c, n[None].astype(c.dtype), (layer_index, 0, cache_index, 0, 0))
-                         for c, n in zip(cache_kv, new_kv))
 
         cache_kv = None if cache is None else (cache.k, cache.v)
         hidden = [x] if return_hidden_states else None
@@ -282,7 +296,7 @@ class Llama(nnx.Module):
                 layer_params, layer_index = xs
                 x, new_kv = one_layer(x, layer_params, layer_index, cache_kv)
                 if cache_kv is not None:
-                    cache_kv = write(cache_kv, new_kv, layer_index)
+                    cache_kv = new_kv
                 return (x, cache_kv), (x if return_hidden_states else None)
 
             (x, cache_kv), per_layer = jax.lax.scan(body, (x, cache_kv), (stacked, jnp.arange(cfg.num_layers)))
@@ -293,7 +307,7 @@ class Llama(nnx.Module):
                 layer_params = jax.tree.map(lambda a: a[i], stacked)
                 x, new_kv = one_layer(x, layer_params, i, cache_kv)
                 if cache_kv is not None:
-                    cache_kv = write(cache_kv, new_kv, i)
+                    cache_kv = new_kv
                 if return_hidden_states:
                     hidden.append(x)
             if return_hidden_states:
