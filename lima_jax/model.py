@@ -11,6 +11,7 @@ Layout choices (see DESIGN.md):
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple, Optional
 
 import jax
@@ -149,29 +150,45 @@ class Attention(nnx.Module):
             values = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(dtype)
             k, v = k_all, v_all
         b, t, h, d = q.shape
-        s, kvh = keys.shape[1], keys.shape[2]
-        one_step = kv_cache is not None and t == 1
-        if one_step:
-            # Decoding: score every (slot, kv head) pair, then keep each head's own group. A batched
-            # dot over kv heads would transpose this layer's whole cache at every step.
-            pairs = jnp.einsum("bqd,bpd->bqp", q.reshape(b, kvh * self.num_groups, d), keys.reshape(b, s * kvh, d),
-                               preferred_element_type=jnp.float32).reshape(b, kvh, self.num_groups, s, kvh)
-            own = jnp.eye(kvh, dtype=bool)[:, None, None, :]
-            scores = jnp.sum(jnp.where(own, pairs, 0.0), axis=-1)[:, :, :, None, :] / math.sqrt(d)
+        attend = partial(_attend, num_groups=self.num_groups)
+        if kv_cache is not None and t == 1:
+            # Decoding on CPU: the batched dot over kv heads transposes the layer's whole cache at every
+            # step there; scoring all (head, slot, kv head) triples is cheaper for few kv heads. Chosen
+            # when lowering, so TPU programs (AOT included) keep the plain path.
+            pairs = partial(_attend_one_token_pairs, num_groups=self.num_groups)
+            out = jax.lax.platform_dependent(q, keys, values, mask, cpu=pairs, default=attend)
         else:
-            q = q.reshape(b, t, kvh, self.num_groups, d)
-            scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) / math.sqrt(d)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        if one_step:
-            pairs = jnp.einsum("bqs,bsp->bqp", probs.reshape(b, kvh * self.num_groups, s), values.reshape(b, s, kvh * d))
-            own = jnp.eye(kvh, dtype=bool)[:, None, :, None]
-            pairs = pairs.reshape(b, kvh, self.num_groups, kvh, d)
-            out = jnp.sum(jnp.where(own, pairs, jnp.zeros((), pairs.dtype)), axis=3).reshape(b, t, h, d)
-        else:
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, d)
+            out = attend(q, keys, values, mask)
         out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dtype))
         return out, (k, v)
+
+
+def _attend(q, keys, values, mask, num_groups):
+    """Softmax attention: q [B,T,H,D], keys/values [B,S,KVH,D], mask [B,T,S] → [B,T,H,D]."""
+    b, t, h, d = q.shape
+    kvh = keys.shape[2]
+    q = q.reshape(b, t, kvh, num_groups, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, d)
+
+
+def _attend_one_token_pairs(q, keys, values, mask, num_groups):
+    """`_attend` for T = 1 with the cache read in its stored layout: every query head is scored
+    against every (slot, kv head) pair, then each keeps its own kv head's entries."""
+    b, _, h, d = q.shape
+    s, kvh = keys.shape[1], keys.shape[2]
+    pairs = jnp.einsum("bqd,bpd->bqp", q.reshape(b, h, d), keys.reshape(b, s * kvh, d),
+                       preferred_element_type=jnp.float32).reshape(b, kvh, num_groups, s, kvh)
+    own = jnp.eye(kvh, dtype=bool)[:, None, None, :]
+    scores = jnp.sum(jnp.where(own, pairs, 0.0), axis=-1)[:, :, :, None, :] / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    pairs = jnp.einsum("bqs,bsp->bqp", probs.reshape(b, h, s), values.reshape(b, s, kvh * d))
+    pairs = pairs.reshape(b, kvh, num_groups, kvh, d)
+    own = jnp.eye(kvh, dtype=bool)[:, None, :, None]
+    return jnp.sum(jnp.where(own, pairs, jnp.zeros((), pairs.dtype)), axis=3).reshape(b, 1, h, d)
 
 
 class MLP(nnx.Module):
