@@ -1,0 +1,68 @@
+"""lima-decode: responses for LIMA-format prompts with the paper's sampling settings (logic in
+lima_jax.eval_decoder; defaults in gin/runs/lima_decode.gin)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lima-decode", description=__doc__)
+    p.add_argument("--checkpoint", required=True,
+                   help="Hugging Face folder, converted checkpoint, or training model_dir (its latest checkpoint)")
+    p.add_argument("--prompts", required=True, help='JSONL, one {"id"?, "conversations": [user, ...]} per line')
+    p.add_argument("--output", required=True, help="JSONL to append to; ids already there are skipped")
+    p.add_argument("--tokenizer", help="sentencepiece model (default: tokenizer.model in the checkpoint folder)")
+    p.add_argument("--sweep_checkpoints", metavar="EPOCHS",
+                   help="with a model_dir: decode with each listed epoch's checkpoint (e.g. 5-10) into "
+                        "OUTPUT with .epochN before the extension")
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--max_new_tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top_p", type=float)
+    p.add_argument("--top_k", type=int)
+    p.add_argument("--repetition_penalty", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--greedy", action="store_true", default=None, help="argmax instead of sampling")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--gin_file", action="append", default=[], help="default: runs/lima_decode.gin")
+    p.add_argument("--gin_bindings", action="append", default=[], help="e.g. decode.top_p=0.95")
+    p.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    return p
+
+
+SETTING_FLAGS = ("batch_size", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
+                 "greedy")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from lima_jax import eval_decoder
+    from lima_jax.checkpoint import checkpoint_kind, load_pretrained
+
+    try:
+        settings = eval_decoder.load_settings(args.gin_file, args.gin_bindings,
+                                              {k: getattr(args, k) for k in SETTING_FLAGS})
+        tokenizer = eval_decoder.resolve_tokenizer(args.checkpoint, args.tokenizer)
+        progress = not args.no_progress
+        if args.sweep_checkpoints:
+            if checkpoint_kind(args.checkpoint) != "model_dir":
+                raise ValueError(f"{args.checkpoint}: --sweep_checkpoints needs a training model_dir")
+            outputs = eval_decoder.sweep(args.checkpoint, tokenizer, args.prompts, args.output, settings,
+                                         eval_decoder.parse_epochs(args.sweep_checkpoints), dtype=args.dtype,
+                                         progress=progress)
+            for epoch, path in outputs.items():
+                print(f"epoch {epoch}: {path}")
+        else:
+            lm = load_pretrained(args.checkpoint, dtype=args.dtype)
+            n = eval_decoder.decode_file(lm, tokenizer, args.prompts, args.output, settings,
+                                         checkpoint=args.checkpoint, progress=progress)
+            print(f"{n} responses appended to {args.output}")
+    except (ValueError, OSError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
