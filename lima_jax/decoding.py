@@ -63,16 +63,15 @@ def _order_keys(x: jax.Array) -> jax.Array:
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _cutoff_by_candidates(logits, lse, top_p, k):
-    """(cutoff [B], exact [B]): the nucleus threshold computed from the top-k candidates, and whether
-    it is exact, i.e. every token at or above it is among the candidates."""
-    values = jax.lax.top_k(logits, k)[0]  # descending
+def _cutoff_by_candidates(values, lse, top_p):
+    """(cutoff [B], exact [B]): the nucleus threshold computed from the top-K candidate values
+    (descending), and whether it is exact, i.e. every token at or above it is a candidate."""
     probs = jnp.exp(values - lse[:, None])
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     kept = (mass_before < top_p).at[:, 0].set(True)  # at least one token
     count = jnp.sum(kept, axis=-1)
     cutoff = jnp.take_along_axis(values, (count - 1)[:, None], axis=-1)[:, 0]
-    exact = (count < k) & (jnp.min(values, axis=-1) < cutoff)
+    exact = (count < values.shape[-1]) & (jnp.min(values, axis=-1) < cutoff) & (top_p < 1.0)
     return cutoff, exact
 
 
@@ -100,17 +99,28 @@ def _cutoff_by_bisection(logits, lse, top_p):
     return jnp.max(jnp.where(keys == hi[:, None], logits, _NEG_INF), axis=-1)
 
 
+def _nucleus(logits, top_p, num_candidates):
+    """(candidate values, candidate ids, cutoff, exact): the top-p threshold, from the candidates
+    when they hold the whole nucleus (exact), else by bisection; -inf (keep all) for top_p >= 1."""
+    top_p = jnp.asarray(top_p, jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    values, indices = jax.lax.top_k(logits, min(num_candidates, logits.shape[-1]))
+    cutoff, exact = _cutoff_by_candidates(values, lse, top_p)
+
+    def full():
+        return jax.lax.cond(top_p < 1.0, lambda: _cutoff_by_bisection(logits, lse, top_p),
+                            lambda: jnp.full(logits.shape[:1], _NEG_INF))
+
+    cutoff = jax.lax.cond(jnp.all(exact), lambda: cutoff, full)
+    return values, indices, cutoff, exact
+
+
 def top_p_filter(logits: jax.Array, top_p, num_candidates: int = NUM_CANDIDATES) -> jax.Array:
     """Keeps the smallest set of most probable tokens whose probability reaches top_p (at least
     one), as transformers' TopPLogitsWarper; tokens tied with the last kept one are kept too.
     top_p >= 1 keeps everything (transformers' generate skips the warper then)."""
-    top_p = jnp.asarray(top_p, jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    k = min(num_candidates, logits.shape[-1])
-    cutoff, exact = _cutoff_by_candidates(logits, lse, top_p, k)
-    cutoff = jax.lax.cond(jnp.all(exact), lambda: cutoff, lambda: _cutoff_by_bisection(logits, lse, top_p))
-    filtered = jnp.where(logits < cutoff[:, None], _NEG_INF, logits)
-    return jnp.where(top_p >= 1.0, logits, filtered)
+    cutoff = _nucleus(logits, top_p, num_candidates)[2]
+    return jnp.where(logits < cutoff[:, None], _NEG_INF, logits)
 
 
 def process_logits(logits: jax.Array, previous_tokens: jax.Array, temperature=0.7, top_p=0.9, top_k: int = 0,
@@ -138,18 +148,20 @@ def _inverse_cdf(u: jax.Array, logits: jax.Array) -> jax.Array:
     return jnp.where(jnp.any(above, axis=-1), jnp.argmax(above, axis=-1), jnp.argmax(probs, axis=-1))
 
 
-def sample(key: jax.Array, logits: jax.Array, num_candidates: int = NUM_CANDIDATES) -> jax.Array:
-    """A token id per row from softmax(logits) [B, V]. When every row has fewer than K tokens left
-    (after top-k/top-p) the draw runs over the top-K candidates only, else over the vocabulary."""
+def sample(key: jax.Array, logits: jax.Array, top_p=1.0, num_candidates: int = NUM_CANDIDATES) -> jax.Array:
+    """A token id per row drawn from softmax(top_p_filter(logits, top_p)) [B, V]. When the nucleus
+    lies among the top-K candidates (peaked distributions) the draw runs over those only."""
     u = jax.random.uniform(key, logits.shape[:1], jnp.float32)
-    k = min(num_candidates, logits.shape[-1])
-    values, indices = jax.lax.top_k(logits, k)
+    values, indices, cutoff, exact = _nucleus(logits, top_p, num_candidates)
 
     def among_candidates():
-        return jnp.take_along_axis(indices, _inverse_cdf(u, values)[:, None], axis=-1)[:, 0]
+        kept = jnp.where(values < cutoff[:, None], _NEG_INF, values)
+        return jnp.take_along_axis(indices, _inverse_cdf(u, kept)[:, None], axis=-1)[:, 0]
 
-    return jax.lax.cond(jnp.all(jnp.min(values, axis=-1) == _NEG_INF), among_candidates,
-                        lambda: _inverse_cdf(u, logits))
+    def over_vocabulary():
+        return _inverse_cdf(u, jnp.where(logits < cutoff[:, None], _NEG_INF, logits))
+
+    return jax.lax.cond(jnp.all(exact), among_candidates, over_vocabulary)
 
 
 class Settings(NamedTuple):
@@ -166,8 +178,8 @@ def choose_tokens(logits, seen, key, settings: Settings, *, greedy: bool, top_k:
     logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = _warp(logits, settings.temperature, settings.top_p, top_k)
-    return sample(key, logits).astype(jnp.int32)
+    logits = top_k_filter(logits / settings.temperature, top_k)
+    return sample(key, logits, settings.top_p).astype(jnp.int32)
 
 
 # ---- the generation loop ------------------------------------------------------------------------
@@ -201,7 +213,7 @@ def _record(state: DecodeState, token, settings: Settings) -> DecodeState:
 
 
 def _next_logits(model: Llama, tokens, mask, cache):
-    out = model(tokens, mask, cache)
+    out = model(tokens, mask, cache, last_logits_only=True)
     return out.logits[:, -1, : model.config.vocab_size], out.cache
 
 
@@ -233,9 +245,24 @@ def decode_step(model: Llama, state: DecodeState, settings: Settings, *, greedy:
     return _record(state, token, settings)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k"))
-def _generate(graphdef, params, prompts, prompt_mask, limit, key, settings, *, max_new_tokens, greedy, top_k):
-    model = nnx.merge(graphdef, params)
+def _per_layer_model(graphdef, params) -> Llama:
+    """The model with its layers unrolled over per-layer weight copies made once, before the loop.
+    XLA:CPU copies each layer's slice of the stacked weights at every use (~5 ms per step at 58M,
+    batch 8); copying once per call costs the layers' size in memory for the call's duration."""
+    config = nnx.merge(graphdef, params).config.replace(scan_layers=False)
+    unrolled, state = nnx.split(nnx.eval_shape(lambda: Llama(config)))
+    pure = nnx.to_pure_dict(params)
+    layers = [jax.tree.map(lambda a: a[i], pure["layers"]) for i in range(config.num_layers)]
+    layers = jax.lax.optimization_barrier(layers)  # materialised here, not re-sliced inside the loop
+    pure["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(unrolled, state)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "per_layer_weights"))
+def _generate(graphdef, params, prompts, prompt_mask, limit, key, settings, *, max_new_tokens, greedy, top_k,
+              per_layer_weights=False):
+    model = _per_layer_model(graphdef, params) if per_layer_weights else nnx.merge(graphdef, params)
     state = start(model, prompts, prompt_mask, limit, key, settings, max_new_tokens=max_new_tokens,
                   greedy=greedy, top_k=top_k)
     state = jax.lax.while_loop(
@@ -288,7 +315,8 @@ def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greed
     with lm._rules():
         out, lengths, stopped = _generate(lm._graphdef, lm._state, jnp.asarray(tokens), jnp.asarray(mask),
                                           jnp.asarray(limit), jax.random.key(seed), settings,
-                                          max_new_tokens=steps, greedy=bool(greedy), top_k=int(top_k))
+                                          max_new_tokens=steps, greedy=bool(greedy), top_k=int(top_k),
+                                          per_layer_weights=jax.default_backend() == "cpu")
     out, lengths, stopped = np.asarray(out), np.asarray(lengths), np.asarray(stopped)
     # Recorded tokens are contiguous from column 0: a row records every step until it finishes.
     return Generation([out[i, : lengths[i]].tolist() for i in range(len(prompts))], stopped.tolist())

@@ -248,12 +248,13 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, attention_mask: Optional[jax.Array] = None,
                  cache: Optional[KVCache] = None, *, dropout_key: Optional[jax.Array] = None,
-                 return_hidden_states: bool = False) -> ModelOutput:
+                 return_hidden_states: bool = False, last_logits_only: bool = False) -> ModelOutput:
         """tokens [B, T] int; attention_mask [B, T] (1 = real token, 0 = padding; default all real).
 
         Positions count real tokens only, so left- and right-padded rows get the positions they would
         have alone. With a cache, the T tokens are written at `cache.index` and may attend to every
-        earlier real slot. dropout_key=None means deterministic (no dropout)."""
+        earlier real slot. dropout_key=None means deterministic (no dropout). last_logits_only: logits
+        of the last position only (decoding's prefill skips the LM head on the others)."""
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         b, t = tokens.shape
@@ -280,6 +281,8 @@ class Llama(nnx.Module):
         x = constrain(x, ("batch", "length", "act_embed"))
         x, new_cache, hidden = self._run_layers(x, cos, sin, mask, dropout_key, cache, cache_index,
                                                 return_hidden_states)
+        if last_logits_only:
+            x = x[:, -1:]
         x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("bte,ev->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
