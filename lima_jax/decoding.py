@@ -306,7 +306,9 @@ def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greed
     stop_ids = default_stop_ids(config) if stop_ids is None else [int(s) for s in stop_ids]
     context = config.max_position_embeddings
     limit = np.array([min(max_new_tokens, context - len(p)) for p in prompts], np.int32)
-    steps = int(max(limit.max(), 1))
+    # The loop bound (and cache length) depends on the settings only, not on the prompts, so batches
+    # of one padded length share one compiled program; rows still stop at their own limit.
+    steps = int(max(min(max_new_tokens, context - 1), 1))
     tokens, mask = left_pad(prompts)
     settings = Settings(jnp.float32(temperature), jnp.float32(top_p), jnp.float32(repetition_penalty),
                         jnp.asarray(stop_ids + [-1], jnp.int32))

@@ -15,7 +15,7 @@ from tests.test_eval_decoder import checkpoint  # noqa: F401  (the tiny model + 
 def session(checkpoint):  # noqa: F811
     from lima_jax import load_pretrained
 
-    settings = dict(eval_decoder.decode_settings(), max_new_tokens=6)
+    settings = eval_decoder.load_settings([], [], {"max_new_tokens": 6})
     return chat.ChatSession(load_pretrained(checkpoint), eval_decoder.resolve_tokenizer(checkpoint, None), settings)
 
 
