@@ -79,12 +79,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=DEMO_DIR, help="where everything goes (default: demo/)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="decode length for the demo answers")
+    parser.add_argument("--max_new_tokens", type=int, default=96, help="decode length for the demo answers")
+    parser.add_argument("--epochs", type=int, default=20, help="NUM_EPOCHS for gin/runs/demo.gin (its own default: 3)")
+    parser.add_argument("--max_len", type=int, default=512,
+                        help="MAX_LEN for gin/runs/demo.gin (512 holds every demo conversation whole)")
     args = parser.parse_args(argv)
 
     from data_pipeline import cli as data_cli, demo_data
     from lima_jax import train
-    from lima_jax.cli import convert as convert_cli
+    from lima_jax import eval_decoder  # noqa: F401  (gin configurables register before any gin parse)
+    from lima_jax.cli import convert as convert_cli, decode as decode_cli
 
     out = os.path.abspath(args.out)
     if args.fresh and os.path.exists(out):
@@ -104,9 +108,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         print(f"reusing {os.path.relpath(data_dir)}")
 
-    _stage("3/6 lima-train --gin_file=gin/runs/demo.gin")
-    metrics = train.main(["--gin_file", os.path.join(train.GIN_ROOT, "runs", "demo.gin"), "--model_dir", run_dir,
-                          "--gin_bindings", f"DATA_DIR='{data_dir}'", "--gin_bindings", f"TOKENIZER='{tokenizer}'"])
+    _stage(f"3/6 lima-train --gin_file=gin/runs/demo.gin (NUM_EPOCHS={args.epochs}, MAX_LEN={args.max_len})")
+    bindings = [f"DATA_DIR='{data_dir}'", f"TOKENIZER='{tokenizer}'", f"NUM_EPOCHS={args.epochs}",
+                f"MAX_LEN={args.max_len}"]
+    metrics = train.main(["--gin_file", os.path.join(train.GIN_ROOT, "runs", "demo.gin"), "--model_dir", run_dir]
+                         + [arg for b in bindings for arg in ("--gin_bindings", b)])
     shutil.copyfile(tokenizer, os.path.join(run_dir, "tokenizer.model"))  # the run is self-contained
     points = loss_curve(os.path.join(run_dir, "tensorboard"), os.path.join(out, "loss.png"))
 
@@ -116,8 +122,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"transformers LlamaForCausalLM.from_pretrained({os.path.relpath(hf_dir)}): max |logit diff| {diff:.2e}")
 
     _stage("5/6 lima-decode on the demo test prompts (p 0.9, T 0.7, repetition penalty 1.2)")
-    from lima_jax.cli import decode as decode_cli
-
     decode_cli.main(["--checkpoint", run_dir, "--prompts", files["test.jsonl"], "--output", responses,
                      "--tokenizer", tokenizer, "--max_new_tokens", str(args.max_new_tokens)])
 
@@ -127,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     first, last = points[0][1], points[-1][1]
     print(f"trained {points[-1][0]} steps: loss {first:.3f} -> {last:.3f} (final metrics: "
           f"{', '.join(f'{k} {v:.4g}' for k, v in sorted(metrics.items()) if k in ('accuracy', 'lr'))})")
-    print(f"checkpoints: {', '.join(sorted(os.listdir(os.path.join(run_dir, 'checkpoints'))))}")
+    print(f"checkpoints (one per epoch): steps {', '.join(str(s) for s in train.list_checkpoint_steps(run_dir))}")
     print(f"HF export: {os.path.relpath(hf_dir)} ({', '.join(sorted(os.listdir(hf_dir)))})")
     print(f"{len(rows)} responses in {os.path.relpath(responses)}; the first:")
     if rows:
