@@ -21,6 +21,8 @@ setup(
         "tensorflow-text==2.21.1",
         "tensorflow-datasets==4.9.10",
         "sentencepiece==0.2.3",
+        "ml_dtypes==0.6.0",
+        "etils==1.15.0",
         "gin-config==0.5.0",
         "safetensors==0.8.0",
         "tqdm==4.70.1",
@@ -31,6 +33,7 @@ setup(
     extras_require={
         "test": [
             "pytest==9.2.0",
+            "scipy==1.17.1",
             "torch==2.13.0",
             "transformers==5.24.0",
         ],

@@ -159,9 +159,33 @@ def sample(key: jax.Array, logits: jax.Array, top_p=1.0, num_candidates: int = N
         return jnp.take_along_axis(indices, _inverse_cdf(u, kept)[:, None], axis=-1)[:, 0]
 
     def over_vocabulary():
-        return _inverse_cdf(u, jnp.where(logits < cutoff[:, None], _NEG_INF, logits))
+        return _nucleus_draw_by_rejection(key, u, logits, top_p)
 
     return jax.lax.cond(jnp.all(exact), among_candidates, over_vocabulary)
+
+
+def _nucleus_draw_by_rejection(key, u, logits, top_p):
+    """A draw from the nucleus of a flat distribution without finding its threshold: draw from the
+    whole distribution and keep the token when it belongs to the nucleus (the tokens more probable
+    than it hold less than top_p), else draw again. Accepted draws follow the renormalised nucleus
+    exactly, and each attempt succeeds with probability >= top_p, so ~1.1 attempts of 2 passes over
+    the vocabulary replace the 32 passes of `_cutoff_by_bisection`."""
+    top_p = jnp.asarray(top_p, jnp.float32)
+    probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+    running = jnp.cumsum(probs, axis=-1)
+    rows = jnp.arange(logits.shape[0])
+
+    def attempt(state):
+        i, token, done = state
+        draw_u = jnp.where(i == 0, u, jax.random.uniform(jax.random.fold_in(key, i), u.shape, jnp.float32))
+        above = running > (draw_u * running[:, -1])[:, None]
+        drawn = jnp.where(jnp.any(above, axis=-1), jnp.argmax(above, axis=-1), jnp.argmax(probs, axis=-1))
+        mass_more_probable = jnp.sum(jnp.where(logits > logits[rows, drawn][:, None], probs, 0.0), axis=-1)
+        accept = ~done & ((mass_more_probable < top_p) | (top_p >= 1.0))
+        return i + 1, jnp.where(accept, drawn, token), done | accept
+
+    start = (jnp.zeros((), jnp.int32), jnp.zeros(logits.shape[:1], jnp.int32), jnp.zeros(logits.shape[:1], bool))
+    return jax.lax.while_loop(lambda state: ~jnp.all(state[2]), attempt, start)[1]
 
 
 class Settings(NamedTuple):
