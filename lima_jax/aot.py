@@ -63,6 +63,9 @@ def get_slice(name: str) -> Slice:
 def topology_devices(s: Slice) -> list:
     from jax.experimental import topologies
 
+    # Compiling touches no TPU, so two AOT processes (or a test run beside a lima-aot run) may share
+    # libtpu; without this its lockfile refuses the second one.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         devices = list(topologies.get_topology_desc(platform="tpu", topology_name=s.topology).devices)
     except Exception as e:  # libtpu missing or topology unknown: one line, the cause
@@ -144,6 +147,8 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
         elif step == "decode":
             from lima_jax import decoding
 
+            # Inference as lima-decode runs it: bf16 weights, no dropout, a cache of seq_len slots.
+            config = config.replace(dtype="bfloat16", param_dtype="bfloat16", residual_dropout=0.0)
             lowered = decoding.lower_decode_step(config, mesh, rules, batch_size, seq_len)
             report["model_flops_per_step"] = 2.0 * (config.num_params() - config.vocab_size * config.hidden_size) \
                 * batch_size

@@ -368,3 +368,44 @@ def _check_settings(config, prompts, max_new_tokens, greedy, temperature, top_p,
         low, high = min(prompt), max(prompt)
         if low < 0 or high >= config.vocab_size:
             raise ValueError(f"prompt {i}: token ids must be in [0, {config.vocab_size}), got {low}..{high}")
+
+
+# ---- the decode step on abstract inputs (lima-aot) ------------------------------------------------
+def lower_decode_step(config, mesh, rules, batch_size: int, cache_len: int, *, greedy: bool = False,
+                      top_k: int = 0):
+    """`decode_step` — the body of `generate`'s loop — jitted with parameters and KV cache sharded on
+    `mesh` by `rules`, lowered on abstract inputs (nothing allocated): what lima-aot compiles."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from lima_jax import sharding
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config)))
+    p_shard = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh, rules))
+    params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                          nnx.to_pure_dict(abstract), p_shard)
+
+    def spec(names, shape):
+        return NamedSharding(mesh, sharding.logical_to_spec(names, rules, mesh, shape))
+
+    def arg(shape, dtype, names=None):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=spec(names, shape) if names else
+                                    NamedSharding(mesh, PartitionSpec()))
+
+    b, v = batch_size, config.vocab_size
+    kv_shape = (config.num_layers, b, cache_len, config.num_kv_heads, config.head_dim)
+    kv_names = ("layers", "batch", "length", "kv_heads", "head_dim")
+    cache = KVCache(arg(kv_shape, config.dtype, kv_names), arg(kv_shape, config.dtype, kv_names),
+                    arg((b, cache_len), jnp.bool_, ("batch", "length")), arg((), jnp.int32))
+    state = DecodeState(cache=cache, seen=arg((b, v), jnp.bool_, ("batch", "vocab")), last=arg((b,), jnp.int32),
+                        out=arg((b, cache_len), jnp.int32), lengths=arg((b,), jnp.int32), step=arg((), jnp.int32),
+                        done=arg((b,), jnp.bool_), stopped=arg((b,), jnp.bool_), limit=arg((b,), jnp.int32),
+                        key=jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, PartitionSpec())))
+    settings = Settings(arg((), jnp.float32), arg((), jnp.float32), arg((), jnp.float32), arg((2,), jnp.int32))
+
+    def step(params, state, settings):
+        st = nnx.split(nnx.eval_shape(lambda: Llama(config)))[1]
+        nnx.replace_by_pure_dict(st, params)
+        with sharding.use_rules(mesh, rules):
+            return decode_step(nnx.merge(graphdef, st), state, settings, greedy=greedy, top_k=top_k)
+
+    return jax.jit(step, donate_argnums=1).lower(params, state, settings)

@@ -112,3 +112,15 @@ def test_lima_sft_fit(model, slice_name, fits):
     assert report["fits"] is fits, report
     if not fits:
         assert report["reason"]
+
+
+@needs_libtpu
+def test_decode_step_compiles_the_generate_loop_body(monkeypatch):
+    from lima_jax import decoding
+
+    traced = []
+    real = decoding.decode_step
+    monkeypatch.setattr(decoding, "decode_step", lambda *a, **k: traced.append(a) or real(*a, **k))
+    report = aot.compile_step("tiny", "v4-8", batch_size=8, seq_len=128, step="decode")
+    assert traced, "lima-aot --step decode must lower decoding.decode_step, the loop body of lm.generate"
+    assert report["fits"] is True and report["per_device_bytes"] > 0 and report["step"] == "decode"
