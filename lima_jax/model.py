@@ -133,9 +133,9 @@ class Attention(nnx.Module):
         attention runs over all S slots of that layer. Returns (out [B,T,E], (k, v)): the new tokens'
         [B,T,KVH,D], or the updated buffers when a cache was given."""
         dtype = x.dtype
-        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dtype))
+        q = _project(x, self.q_proj[...].astype(dtype))
+        k = _project(x, self.k_proj[...].astype(dtype))
+        v = _project(x, self.v_proj[...].astype(dtype))
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -159,19 +159,36 @@ class Attention(nnx.Module):
             out = jax.lax.platform_dependent(q, keys, values, mask, cpu=pairs, default=attend)
         else:
             out = attend(q, keys, values, mask)
-        out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dtype))
+        out = _matmul(out.reshape(*out.shape[:2], -1), self.o_proj[...].astype(dtype).reshape(-1, x.shape[-1]))
         return out, (k, v)
 
 
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """[B, T, I] @ [I, O] as one 2-D matmul over B·T rows: XLA:CPU runs plain matrix products (and
+    their gradients) far faster than dots with several batch or contracting dimensions."""
+    b, t, i = x.shape
+    return (x.reshape(b * t, i) @ w).reshape(b, t, w.shape[-1])
+
+
+def _project(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, T, E] through w [E, heads, head_dim] → [B, T, heads, head_dim]."""
+    e, h, d = w.shape
+    return _matmul(x, w.reshape(e, h * d)).reshape(*x.shape[:2], h, d)
+
+
 def _attend(q, keys, values, mask, num_groups):
-    """Softmax attention: q [B,T,H,D], keys/values [B,S,KVH,D], mask [B,T,S] → [B,T,H,D]."""
+    """Softmax attention: q [B,T,H,D], keys/values [B,S,KVH,D], mask [B,T,S] → [B,T,H,D]. The heads are
+    moved next to the batch first so both products are plain batched matmuls (XLA:CPU runs dots with
+    interleaved batch dimensions several times slower, forward and backward)."""
     b, t, h, d = q.shape
-    kvh = keys.shape[2]
-    q = q.reshape(b, t, kvh, num_groups, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32) / math.sqrt(d)
+    s, kvh = keys.shape[1], keys.shape[2]
+    q = q.reshape(b, t, kvh, num_groups, d).transpose(0, 2, 3, 1, 4).reshape(b * kvh, num_groups * t, d)
+    k = keys.transpose(0, 2, 3, 1).reshape(b * kvh, d, s)
+    scores = jnp.matmul(q, k, preferred_element_type=jnp.float32).reshape(b, kvh, num_groups, t, s) / math.sqrt(d)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, d)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b * kvh, num_groups * t, s)
+    out = jnp.matmul(probs, values.transpose(0, 2, 1, 3).reshape(b * kvh, s, d))
+    return out.reshape(b, kvh, num_groups, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def _attend_one_token_pairs(q, keys, values, mask, num_groups):
@@ -201,10 +218,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dtype = x.dtype
-        gate = jnp.einsum("bte,ef->btf", x, self.gate_proj[...].astype(dtype))
-        up = jnp.einsum("bte,ef->btf", x, self.up_proj[...].astype(dtype))
+        gate = _matmul(x, self.gate_proj[...].astype(dtype))
+        up = _matmul(x, self.up_proj[...].astype(dtype))
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return jnp.einsum("btf,fe->bte", hidden, self.down_proj[...].astype(dtype))
+        return _matmul(hidden, self.down_proj[...].astype(dtype))
 
 
 class DecoderLayer(nnx.Module):
@@ -301,7 +318,8 @@ class Llama(nnx.Module):
 
         def one_layer(x, layer_params, layer_index, cache_kv):
             layer = nnx.merge(graphdef, gather_layer_params(layer_params))  # FSDP: per layer, in the loop
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer_index)
+            dropping = dropout_key is not None and cfg.residual_dropout > 0  # no masks to draw at rate 0
+            key = jax.random.fold_in(dropout_key, layer_index) if dropping else None
             kv = None if cache_kv is None else (*cache_kv, layer_index)  # the layer writes its slots
             return layer(x, cos, sin, mask, rates[layer_index], key, kv, cache_index)
 
