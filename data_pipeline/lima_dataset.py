@@ -7,7 +7,6 @@ by seed (ablations) and exports can name the line they came from.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -16,51 +15,12 @@ import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
 
-SOURCES = ("stackexchange", "authors", "wikihow", "nlp", "writingprompts", "multi_turn")
+from lima_jax.chat_format import SOURCES, InvalidLimaLine, parse_lima_line as parse_line  # noqa: F401
+
 # file in the manual dir -> (TFDS split, prompts only?)
 SPLIT_FILES = {"train.jsonl": ("train", False), "dev.jsonl": ("validation", True), "test.jsonl": ("test", True)}
 NAME = "lima"
 DATA_VERSION = "1.0.0"
-
-
-class InvalidLimaLine(ValueError):
-    """One bad line of a LIMA JSONL file; str() is `FILE:LINE: what is wrong`."""
-
-    def __init__(self, path: str, lineno: int, problem: str):
-        super().__init__(f"{path}:{lineno}: {problem}")
-        self.path, self.lineno, self.problem = path, lineno, problem
-
-
-def parse_line(text: str, path: str, lineno: int, prompts_only: bool) -> dict:
-    """The validated example on one line, or InvalidLimaLine saying what is wrong with it."""
-    def bad(problem):
-        return InvalidLimaLine(path, lineno, problem)
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise bad(f"not JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise bad(f"expected a JSON object, got {type(row).__name__}")
-    turns = row.get("conversations")
-    if turns is None:
-        raise bad('missing "conversations"')
-    if not isinstance(turns, list):
-        raise bad(f'"conversations" must be a list of strings, got {type(turns).__name__}')
-    if not turns:
-        raise bad('empty "conversations"')
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, str):
-            raise bad(f"turn {i} is not a string ({type(turn).__name__})")
-        if not turn.strip():
-            raise bad(f"turn {i} is empty")
-    if prompts_only and len(turns) % 2 == 0:
-        raise bad(f"a prompt needs an odd number of turns (ending with the user's), got {len(turns)}")
-    source = row.get("source")
-    if source is None and prompts_only:
-        source = ""  # prompt files may leave the source out
-    elif source not in SOURCES:
-        raise bad(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
-    return {"conversations": turns, "source": source, "index": lineno}
 
 
 @dataclass

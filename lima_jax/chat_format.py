@@ -7,6 +7,7 @@ the turns so far (ending with a user turn); the model then writes the assistant 
 """
 from __future__ import annotations
 
+import json
 from typing import Optional, Sequence
 
 from lima_jax.tokenizer import Tokenizer
@@ -31,3 +32,47 @@ def encode_prompt(turns: Sequence[str], tokenizer: Tokenizer) -> list[int]:
     if len(turns) % 2 != 1:
         raise ValueError(f"a prompt needs an odd number of turns (ending with the user's), got {len(turns)}")
     return encode_conversation(turns, tokenizer)[0]
+
+
+# ---- one line of a LIMA-format JSONL file: {"conversations": [user, assistant, ...], "source": ...} ----
+SOURCES = ("stackexchange", "authors", "wikihow", "nlp", "writingprompts", "multi_turn")
+
+
+class InvalidLimaLine(ValueError):
+    """One bad line of a LIMA JSONL file; str() is `FILE:LINE: what is wrong`."""
+
+    def __init__(self, path: str, lineno: int, problem: str):
+        super().__init__(f"{path}:{lineno}: {problem}")
+        self.path, self.lineno, self.problem = path, lineno, problem
+
+
+def parse_lima_line(text: str, path: str, lineno: int, prompts_only: bool) -> dict:
+    """The validated example on one line, or InvalidLimaLine saying what is wrong with it."""
+    def bad(problem):
+        return InvalidLimaLine(path, lineno, problem)
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise bad(f"not JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise bad(f"expected a JSON object, got {type(row).__name__}")
+    turns = row.get("conversations")
+    if turns is None:
+        raise bad('missing "conversations"')
+    if not isinstance(turns, list):
+        raise bad(f'"conversations" must be a list of strings, got {type(turns).__name__}')
+    if not turns:
+        raise bad('empty "conversations"')
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, str):
+            raise bad(f"turn {i} is not a string ({type(turn).__name__})")
+        if not turn.strip():
+            raise bad(f"turn {i} is empty")
+    if prompts_only and len(turns) % 2 == 0:
+        raise bad(f"a prompt needs an odd number of turns (ending with the user's), got {len(turns)}")
+    source = row.get("source")
+    if source is None and prompts_only:
+        source = ""  # prompt files may leave the source out
+    elif source not in SOURCES:
+        raise bad(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+    return {"conversations": turns, "source": source, "index": lineno}

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import gin
 
 from lima_jax import decoding
-from lima_jax.chat_format import encode_prompt
+from lima_jax.chat_format import encode_prompt, parse_lima_line
 from lima_jax.tokenizer import Tokenizer, find_tokenizer
 
 DEFAULT_GIN = "runs/lima_decode.gin"
@@ -50,18 +50,8 @@ def read_prompts(path: str) -> list[Prompt]:
             if not line.strip():
                 continue
             where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            turns = row.get("conversations")
-            if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
-                raise ValueError(f'{where}: "conversations" must be a non-empty list of strings')
-            if len(turns) % 2 != 1:
-                raise ValueError(f'{where}: "conversations" must end with a user turn (odd length), '
-                                 f"got {len(turns)} turns")
+            turns = parse_lima_line(line, path, line_no, prompts_only=True)["conversations"]
+            row = json.loads(line)
             pid = row.get("id", line_no)
             if not isinstance(pid, (str, int)) or isinstance(pid, bool):
                 raise ValueError(f'{where}: "id" must be a string or an integer')

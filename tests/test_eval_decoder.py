@@ -105,9 +105,9 @@ def test_malformed_prompt_line_is_a_file_line_error(checkpoint, tmp_path, capsys
     with pytest.raises(SystemExit) as exc:
         decode_cli.main(_args(checkpoint, prompts, tmp_path / "out.jsonl"))
     assert exc.value.code == 2
-    assert f"{prompts}:3: \"conversations\" must end with a user turn" in capsys.readouterr().err
-    for text, what in [('{"conversations": ["hi"]\n', "not valid JSON"), ("[1]\n", "expected a JSON object"),
-                       ('{"conversations": []}\n', "non-empty list of strings"),
+    assert f"{prompts}:3: a prompt needs an odd number of turns" in capsys.readouterr().err
+    for text, what in [('{"conversations": ["hi"]\n', "not JSON"), ("[1]\n", "expected a JSON object"),
+                       ('{"conversations": []}\n', 'empty "conversations"'), ('{"conversations": [" "]}\n', "empty"),
                        ('{"id": 1, "conversations": ["x"]}\n{"id": 1, "conversations": ["y"]}\n', "already used")]:
         prompts.write_text(text)
         with pytest.raises(ValueError, match=f"^{prompts}:[12]: .*{what}"):

@@ -19,7 +19,6 @@ import jax
 import numpy as np
 import pytest
 
-from lima_jax import config as config_lib
 from lima_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
