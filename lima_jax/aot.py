@@ -223,7 +223,8 @@ def fit_table(batch_size: int = 32, seq_len: int = 2048, log=print) -> str:
         rows.append(f"| {model} | " + " | ".join(cells) + " |")
     version = getattr(libtpu, "__version__", "?")
     head = (f"Smallest slice that fits LIMA SFT (batch {batch_size} × {seq_len}, AdamW fp32 state, bf16 compute, "
-            f"full remat, FSDP over all devices), compiled by libtpu {version} on "
+            f"full remat; FSDP over as many devices as the batch has rows, tensor parallel over the rest), "
+            f"compiled by libtpu {version} on "
             f"{datetime.date.today().isoformat()} (per-device bytes / HBM per device):\n\n"
             "| model | v4 | v5p |\n|---|---|---|")
     return head + "\n" + "\n".join(rows) + "\n"
