@@ -100,7 +100,7 @@ def _export(args) -> None:
 
 
 def _stats(args) -> None:
-    from data_pipeline.atomic import atomic_write_text
+    from lima_jax.atomic import atomic_write_text
     from data_pipeline.export import format_stats, stats_report
     stats = stats_report(args.data_dir, args.mixture, args.split, args.tokenizer, args.max_len, args.png)
     print(format_stats(stats))

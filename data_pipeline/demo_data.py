@@ -14,7 +14,7 @@ import io
 import json
 import os
 
-from data_pipeline.atomic import atomic_write_text
+from lima_jax.atomic import atomic_write_bytes, atomic_write_text
 
 DEMO_VOCAB_SIZE = 500
 
@@ -351,7 +351,5 @@ def train_demo_tokenizer(out_dir: str, vocab_size: int = DEMO_VOCAB_SIZE) -> str
         add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
         num_threads=1, minloglevel=2)
     path = os.path.join(out_dir, "tokenizer.model")
-    with open(path + ".tmp", "wb") as f:
-        f.write(model.getvalue())
-    os.replace(path + ".tmp", path)
+    atomic_write_bytes(path, model.getvalue())
     return path

@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 
 from data_pipeline import tasks
-from data_pipeline.atomic import atomic_write_text
+from lima_jax.atomic import atomic_write, atomic_write_text
 from data_pipeline.inputs import epoch_order
 
 PERCENTILES = (50, 90, 95, 99)
@@ -51,8 +51,6 @@ def plot_lengths(lengths: np.ndarray, max_len: int, png: str, title: str) -> Non
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import os
-    import tempfile
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(lengths, bins=min(50, max(5, len(lengths) // 2)), color="#4C72B0")
@@ -62,14 +60,8 @@ def plot_lengths(lengths: np.ndarray, max_len: int, png: str, title: str) -> Non
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(png))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
+    atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, png)
 
 
 def stats_report(data_dir: str, mixture: str, split: str, tokenizer_path: str, max_len: int,

@@ -19,6 +19,8 @@ import re
 import time
 from typing import Optional
 
+from lima_jax.atomic import atomic_write_text
+
 GIB = 2 ** 30
 
 
@@ -234,12 +236,8 @@ def _gib(b) -> str:
     return "n/a" if b is None else f"{b / GIB:.1f} GiB"
 
 
-def write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+def write_json(path: str, obj: dict) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def describe(report: dict) -> str:

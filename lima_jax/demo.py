@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Optional
 
+from lima_jax.atomic import atomic_write
+
 DEMO_DIR = "demo"
 
 
@@ -52,9 +54,7 @@ def loss_curve(tensorboard_dir: str, png: str) -> list[tuple[int, float]]:
     ax.set_title("lima-train, gin/runs/demo.gin")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, png)
+    atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=120))
     return points
 
 

@@ -1,6 +1,7 @@
 """`LanguageModel`: what `lima_jax.load_pretrained` returns: a config, parameters and compiled calls."""
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Optional
 
@@ -81,7 +82,4 @@ class LanguageModel:
                                  stop_ids=stop_ids).tokens
 
     def _rules(self):
-        if self.mesh is None:
-            import contextlib
-            return contextlib.nullcontext()
-        return sharding.use_rules(self.mesh, self.rules)
+        return contextlib.nullcontext() if self.mesh is None else sharding.use_rules(self.mesh, self.rules)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 import zlib
 from importlib import resources
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from lima_jax.atomic import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -345,35 +346,15 @@ def plot_likert(report: dict, path: str) -> "Figure":
 
 # ----------------------------------------------------------------------------- outputs
 
-def _atomic(path: str, write) -> None:
-    """write(tmp_path), then rename onto `path`: readers never see a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # A unique name in the same folder (so the rename is atomic), created by `write` itself so the
-    # file gets the usual permissions rather than mkstemp's 0600.
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _savefig(fig, path: str):
     """Save atomically; returns the figure so callers (and tests) can inspect what was drawn."""
-    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"  # the temp name has no useful suffix
-    _atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=150))
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=150))
     return fig
 
 
 def write_json(obj, path: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    _atomic(path, write)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def load_template(name: str) -> str:

@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lima_jax import checkpoint, mesh as mesh_lib, sharding
+from lima_jax.atomic import atomic_write_text
 from lima_jax.config import LlamaConfig, preset as config_preset
 from lima_jax.model import Llama
 
@@ -369,13 +370,6 @@ class ScalarWriter:
         self._records.close()
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _import(dotted: str):
     module, _, name = dotted.rpartition(".")
     return getattr(importlib.import_module(module), name)
@@ -426,7 +420,7 @@ def train(model_dir: str, *, mixture: str = gin.REQUIRED, data_dir: Optional[str
 
     os.makedirs(model_dir, exist_ok=True)
     if primary:
-        _write_text_atomic(os.path.join(model_dir, CONFIG_FILE), json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        atomic_write_text(os.path.join(model_dir, CONFIG_FILE), json.dumps(config.to_dict(), indent=2, sort_keys=True))
     mngr = _manager(model_dir)
     latest = mngr.latest_step()
     if latest is not None:
@@ -442,7 +436,7 @@ def train(model_dir: str, *, mixture: str = gin.REQUIRED, data_dir: Optional[str
           f"{r.num_epochs} epochs = {total_steps} steps; batch {r.batch_size} × {r.max_len}", flush=True)
     print(_memory_report(compiled), flush=True)
     if primary:
-        _write_text_atomic(os.path.join(model_dir, OPERATIVE_CONFIG), gin.operative_config_str())
+        atomic_write_text(os.path.join(model_dir, OPERATIVE_CONFIG), gin.operative_config_str())
 
     flops = model_flops_per_step(config, r.batch_size, r.max_len)
     peak = (peak_flops or peak_flops_per_device() or 0.0) * jax.device_count()

@@ -25,10 +25,9 @@ def main() -> int:
         same = open(GOLDEN).read() == text
         print("golden sharding: " + ("unchanged" if same else "CHANGED"))
         return 0 if same else 1
-    tmp = GOLDEN + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, GOLDEN)
+    from lima_jax.atomic import atomic_write_text
+
+    atomic_write_text(GOLDEN, text)
     print(f"wrote {GOLDEN}")
     return 0
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from data_pipeline.atomic import atomic_write_text
+from lima_jax.atomic import atomic_write_text
 
 
 @dataclass

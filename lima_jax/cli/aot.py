@@ -40,7 +40,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.exit(2, f"lima-aot: error: {str(e).splitlines()[0]}\n")
     print(aot.describe(report))
     if args.json:
-        aot.write_json_atomic(args.json, report)
+        aot.write_json(args.json, report)
     return 0
 
 

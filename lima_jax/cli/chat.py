@@ -5,21 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lima_jax.cli.sampling_args import add_model_args, add_sampling_args, sampling_overrides
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lima-chat", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="Hugging Face folder, converted checkpoint or model_dir")
-    p.add_argument("--tokenizer", help="sentencepiece model (default: tokenizer.model in the checkpoint folder)")
-    p.add_argument("--max_new_tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top_p", type=float)
-    p.add_argument("--top_k", type=int)
-    p.add_argument("--repetition_penalty", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--greedy", action="store_true", default=None)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--gin_file", action="append", default=[], help="default: runs/lima_decode.gin")
-    p.add_argument("--gin_bindings", action="append", default=[])
+    add_model_args(p)
+    add_sampling_args(p)
     return p
 
 
@@ -29,9 +21,8 @@ def main(argv=None) -> int:
     from lima_jax import chat, eval_decoder
     from lima_jax.checkpoint import load_pretrained
 
-    flags = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "greedy")
     try:
-        settings = eval_decoder.load_settings(args.gin_file, args.gin_bindings, {k: getattr(args, k) for k in flags})
+        settings = eval_decoder.load_settings(args.gin_file, args.gin_bindings, sampling_overrides(args))
         tokenizer = eval_decoder.resolve_tokenizer(args.checkpoint, args.tokenizer)
         session = chat.ChatSession(load_pretrained(args.checkpoint, dtype=args.dtype), tokenizer, settings)
     except (ValueError, OSError) as e:

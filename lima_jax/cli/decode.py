@@ -5,34 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lima_jax.cli.sampling_args import add_model_args, add_sampling_args, sampling_overrides
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lima-decode", description=__doc__)
-    p.add_argument("--checkpoint", required=True,
-                   help="Hugging Face folder, converted checkpoint, or training model_dir (its latest checkpoint)")
+    add_model_args(p)
     p.add_argument("--prompts", required=True, help='JSONL, one {"id"?, "conversations": [user, ...]} per line')
     p.add_argument("--output", required=True, help="JSONL to append to; ids already there are skipped")
-    p.add_argument("--tokenizer", help="sentencepiece model (default: tokenizer.model in the checkpoint folder)")
     p.add_argument("--sweep_checkpoints", metavar="EPOCHS",
                    help="with a model_dir: decode with each listed epoch's checkpoint (e.g. 5-10) into "
                         "OUTPUT with .epochN before the extension")
     p.add_argument("--batch_size", type=int)
-    p.add_argument("--max_new_tokens", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top_p", type=float)
-    p.add_argument("--top_k", type=int)
-    p.add_argument("--repetition_penalty", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--greedy", action="store_true", default=None, help="argmax instead of sampling")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--gin_file", action="append", default=[], help="default: runs/lima_decode.gin")
-    p.add_argument("--gin_bindings", action="append", default=[], help="e.g. decode.top_p=0.95")
+    add_sampling_args(p)
     p.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     return p
-
-
-SETTING_FLAGS = ("batch_size", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed",
-                 "greedy")
 
 
 def main(argv=None) -> int:
@@ -43,7 +30,7 @@ def main(argv=None) -> int:
 
     try:
         settings = eval_decoder.load_settings(args.gin_file, args.gin_bindings,
-                                              {k: getattr(args, k) for k in SETTING_FLAGS})
+                                              sampling_overrides(args, ("batch_size",)))
         tokenizer = eval_decoder.resolve_tokenizer(args.checkpoint, args.tokenizer)
         progress = not args.no_progress
         if args.sweep_checkpoints:
