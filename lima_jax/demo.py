@@ -58,22 +58,6 @@ def loss_curve(tensorboard_dir: str, png: str) -> list[tuple[int, float]]:
     return points
 
 
-def check_hf_export(hf_dir: str, run_dir: str) -> float:
-    """Loads the export with transformers and compares its logits with the checkpoint's."""
-    import numpy as np
-    import torch
-    from transformers import LlamaForCausalLM
-
-    import lima_jax
-
-    ours = lima_jax.load_pretrained(run_dir)
-    hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    tokens = np.random.RandomState(0).randint(0, ours.config.vocab_size, (2, 24)).astype(np.int32)
-    with torch.no_grad():
-        ref = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
-    return float(np.abs(ours.logits(tokens) - ref).max())
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lima_jax.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,7 +70,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from data_pipeline import cli as data_cli, demo_data
-    from lima_jax import train
+    from lima_jax import convert, train
     from lima_jax import eval_decoder  # noqa: F401  (gin configurables register before any gin parse)
     from lima_jax.cli import convert as convert_cli, decode as decode_cli
 
@@ -118,8 +102,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     _stage("4/6 lima-convert orbax-to-hf (last checkpoint -> Hugging Face safetensors)")
     convert_cli.main(["orbax-to-hf", run_dir, hf_dir, "--overwrite"])
-    diff = check_hf_export(hf_dir, run_dir)
-    print(f"transformers LlamaForCausalLM.from_pretrained({os.path.relpath(hf_dir)}): max |logit diff| {diff:.2e}")
+    check = convert.verify(hf_dir, run_dir, batch=2, length=24)  # transformers loads the export
+    print(f"transformers LlamaForCausalLM.from_pretrained({os.path.relpath(hf_dir)}): max |logit diff| "
+          f"{check['max_abs_diff']:.2e}, KL {check['kl']:.1e}")
 
     _stage("5/6 lima-decode on the demo test prompts (p 0.9, T 0.7, repetition penalty 1.2)")
     decode_cli.main(["--checkpoint", run_dir, "--prompts", files["test.jsonl"], "--output", responses,
