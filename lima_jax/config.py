@@ -31,6 +31,7 @@ class LlamaConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     remat_policy: str = "none"
     scan_layers: bool = True
+    attention_block: int = 128  # query rows per block of causal attention (attention.py)
     residual_dropout: float = 0.0  # LIMA: 0.3 at the top layer, rising linearly from 0 at the bottom
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -46,6 +47,8 @@ class LlamaConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block={self.attention_block} must be >= 1")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if self.rope_scaling is not None:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lima_jax import cpu_tuning
 from lima_jax.model import KVCache, Llama
 from lima_jax.sharding import constrain
 
@@ -283,7 +284,6 @@ def _per_layer_model(graphdef, params) -> Llama:
     return nnx.merge(unrolled, state)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "per_layer_weights"))
 def _generate(graphdef, params, prompts, prompt_mask, limit, key, settings, *, max_new_tokens, greedy, top_k,
               per_layer_weights=False):
     model = _per_layer_model(graphdef, params) if per_layer_weights else nnx.merge(graphdef, params)
@@ -293,6 +293,12 @@ def _generate(graphdef, params, prompts, prompt_mask, limit, key, settings, *, m
         lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done),
         lambda s: decode_step(model, s, settings, greedy=greedy, top_k=top_k), state)
     return state.out, state.lengths, state.stopped
+
+
+_GENERATE_STATIC = ("graphdef", "max_new_tokens", "greedy", "top_k", "per_layer_weights")
+_generate_jit = {platform: jax.jit(_generate, static_argnames=_GENERATE_STATIC,
+                                   compiler_options=cpu_tuning.compiler_options(platform))
+                 for platform in ("cpu", "default")}
 
 
 class Generation(NamedTuple):
@@ -338,11 +344,12 @@ def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greed
                         jnp.asarray(stop_ids + [-1], jnp.int32))
     if max_new_tokens == 0:
         return Generation([[] for _ in prompts], [False] * len(prompts))
+    platform = lm._platform()
     with lm._rules():
-        out, lengths, stopped = _generate(lm._graphdef, lm._state, jnp.asarray(tokens), jnp.asarray(mask),
+        out, lengths, stopped = _generate_jit[platform](lm._graphdef, lm._state, jnp.asarray(tokens), jnp.asarray(mask),
                                           jnp.asarray(limit), jax.random.key(seed), settings,
                                           max_new_tokens=steps, greedy=bool(greedy), top_k=int(top_k),
-                                          per_layer_weights=jax.default_backend() == "cpu")
+                                          per_layer_weights=platform == "cpu")
     out, lengths, stopped = np.asarray(out), np.asarray(lengths), np.asarray(stopped)
     # Recorded tokens are contiguous from column 0: a row records every step until it finishes.
     return Generation([out[i, : lengths[i]].tolist() for i in range(len(prompts))], stopped.tolist())

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-from functools import partial
 from typing import Optional
 
 import jax
@@ -11,7 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from lima_jax import sharding
+from lima_jax import cpu_tuning, sharding
 from lima_jax.config import LlamaConfig
 from lima_jax.model import Llama
 
@@ -37,9 +36,13 @@ def build_model(config: LlamaConfig, params: Optional[dict] = None, mesh: Option
     return nnx.merge(graphdef, state)
 
 
-@partial(jax.jit, static_argnums=0)
 def _forward_logits(graphdef, state, tokens, attention_mask):
     return nnx.merge(graphdef, state)(tokens, attention_mask).logits
+
+
+_forward_logits_jit = {platform: jax.jit(_forward_logits, static_argnums=0,
+                                         compiler_options=cpu_tuning.compiler_options(platform))
+                       for platform in ("cpu", "default")}
 
 
 class LanguageModel:
@@ -67,7 +70,8 @@ class LanguageModel:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {tokens.min()}..{tokens.max()}")
         mask = np.ones_like(tokens, bool) if attention_mask is None else np.asarray(attention_mask, bool)
         with self._rules():
-            out = _forward_logits(self._graphdef, self._state, jnp.asarray(tokens), jnp.asarray(mask))
+            out = _forward_logits_jit[self._platform()](self._graphdef, self._state, jnp.asarray(tokens),
+                                                        jnp.asarray(mask))
         return np.asarray(out[..., : self.config.vocab_size], np.float32)
 
     def generate(self, prompts, max_new_tokens: int = 2048, greedy: bool = False, temperature: float = 0.7,
@@ -80,6 +84,11 @@ class LanguageModel:
         return decoding.generate(self, prompts, max_new_tokens, greedy=greedy, temperature=temperature,
                                  top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
                                  stop_ids=stop_ids).tokens
+
+    def _platform(self) -> str:
+        """"cpu" or "default": picks the compiled calls' compiler options (cpu_tuning.py)."""
+        platform = jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
+        return "cpu" if platform == "cpu" else "default"
 
     def _rules(self):
         return contextlib.nullcontext() if self.mesh is None else sharding.use_rules(self.mesh, self.rules)

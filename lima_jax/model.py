@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lima_jax.attention import causal_attention
 from lima_jax.config import LlamaConfig
 from lima_jax.sharding import constrain, gather_layer_params
 
@@ -126,6 +127,7 @@ class Attention(nnx.Module):
         self.v_proj = _param(kv, stack + (e, kvh, d), stack_names + ("embed", "kv_heads", "head_dim"), pd)
         self.o_proj = _param(ko, stack + (h, d, e), stack_names + ("heads", "head_dim", "embed"), pd)
         self.num_groups = h // kvh
+        self.attention_block = config.attention_block
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
         """x [B,T,E]; mask [B,T,S] bool (True = may attend). With kv_cache=(k, v, layer), k and v the
@@ -157,6 +159,8 @@ class Attention(nnx.Module):
             # when lowering, so TPU programs (AOT included) keep the plain path.
             pairs = partial(_attend_one_token_pairs, num_groups=self.num_groups)
             out = jax.lax.platform_dependent(q, keys, values, mask, cpu=pairs, default=attend)
+        elif kv_cache is None:
+            out = causal_attention(q, keys, values, mask, block=self.attention_block)
         else:
             out = attend(q, keys, values, mask)
         out = _matmul(out.reshape(*out.shape[:2], -1), self.o_proj[...].astype(dtype).reshape(-1, x.shape[-1]))
@@ -301,8 +305,7 @@ class Llama(nnx.Module):
         if last_logits_only:
             x = x[:, -1:]
         x = self.final_norm(x)
-        head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("bte,ev->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+        logits = self._lm_head(x)
         if cfg.padded_vocab_size != cfg.vocab_size:  # padding rows can never win a softmax or a sample
             real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
             logits = jnp.where(real, logits, jnp.finfo(jnp.float32).min)
@@ -310,6 +313,17 @@ class Llama(nnx.Module):
         if new_cache is not None:
             new_cache = new_cache._replace(mask=key_mask, index=cache_index + t)
         return ModelOutput(logits, new_cache, hidden)
+
+    def _lm_head(self, x: jax.Array) -> jax.Array:
+        """[B, T, E] → float32 logits [B, T, V], as one 2-D matmul over the B·T rows."""
+        b, t, e = x.shape
+        x = x.reshape(b * t, e)
+        if self.config.tie_word_embeddings:  # contract with the table's embed axis; no transposed copy
+            head = self.embed[...].astype(x.dtype)
+            logits = jax.lax.dot_general(x, head, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.dot(x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        return logits.reshape(b, t, -1)
 
     def _run_layers(self, x, cos, sin, mask, dropout_key, cache, cache_index, return_hidden_states):
         cfg = self.config

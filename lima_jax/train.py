@@ -35,7 +35,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lima_jax import checkpoint, mesh as mesh_lib, sharding
+from lima_jax import checkpoint, cpu_tuning, mesh as mesh_lib, sharding
 from lima_jax.atomic import atomic_write_text
 from lima_jax.config import LlamaConfig, preset as config_preset
 from lima_jax.model import Llama
@@ -222,10 +222,15 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
                 grads = jax.lax.with_sharding_constraint(grads, shards.params)
                 return (grads, loss_sum + l, correct + c, weight + w), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            zero = jnp.zeros((), jnp.float32)
-            (grads, loss_sum, correct, weight), _ = jax.lax.scan(
-                accumulate, (zeros, zero, zero, zero), (jnp.arange(accum), micro))
+            if accum == 1:  # no zero-filled accumulator to write and add to (a pass over all params)
+                mb = jax.tree.map(lambda x: x[0], micro)
+                (loss_sum, (correct, weight)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                    state.params, mb, jax.random.fold_in(step_key, 0))
+            else:
+                zeros = jax.tree.map(jnp.zeros_like, state.params)
+                zero = jnp.zeros((), jnp.float32)
+                (grads, loss_sum, correct, weight), _ = jax.lax.scan(
+                    accumulate, (zeros, zero, zero, zero), (jnp.arange(accum), micro))
             denom = jnp.maximum(weight, 1.0)
             grads = jax.tree.map(lambda g: g / denom, grads)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -235,7 +240,8 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
             return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    fn = jax.jit(step, in_shardings=(shards, b_shard), out_shardings=(shards, replicated), donate_argnums=0)
+    fn = jax.jit(step, in_shardings=(shards, b_shard), out_shardings=(shards, replicated), donate_argnums=0,
+                 compiler_options=cpu_tuning.compiler_options(mesh.devices.flat[0].platform))
     batch = abstract_batch(r.batch_size, r.max_len, mesh, rules)
     return TrainStep(fn, abstract, batch, shards, b_shard, optimizer, schedule)
 
@@ -404,6 +410,7 @@ def train(model_dir: str, *, mixture: str = gin.REQUIRED, data_dir: Optional[str
     """Trains (or resumes, from the latest checkpoint in model_dir) and returns the last metrics."""
     r = recipe()
     mesh = mesh_lib.make_mesh()
+    cpu_tuning.keep_freed_memory(mesh.devices.flat[0].platform)
     rules, fsdp_axes = mesh_lib.logical_rules()
     base = LlamaConfig.load_json(os.path.join(init_checkpoint, CONFIG_FILE)) if init_checkpoint else None
     config = model_config(base=base)

@@ -1,10 +1,11 @@
 """Training throughput on this machine: lima-train's step vs a transformers + torch AdamW step.
 
 The 58M config (hidden 512, 8 layers, 8 heads, FFN 1376, vocab 32000), batch 4 × 512, float32 on CPU,
-both sides from the same random weights; plus MFU of each against a float32 matmul peak measured here
-(XLA 2048³ matmul). Run by hand:
-    JAX_PLATFORMS=cpu python tools/bench_train.py [--steps 5] [--json out.json]
-Our step is the very one lima-train runs (`train.build_train_step`), on a 1-device mesh.
+random weights on each side; plus MFU of each against a float32 matmul peak measured here (XLA 2048³
+matmul). Run by hand, on an idle machine:
+    JAX_PLATFORMS=cpu python tools/bench_train.py [--steps 6] [--json out.json]
+Our step is the very one lima-train runs (`train.build_train_step`, with lima-train's CPU settings from
+cpu_tuning.py), on a 1-device mesh. The two sides' steps alternate and their medians are compared.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def batch_arrays(seed: int = 0) -> dict:
             "decoder_loss_weights": np.ones((BATCH, SEQ), np.float32)}
 
 
-def bench_jax(steps: int, remat: str) -> dict:
+def jax_step(remat: str):
+    """(run one step, flops per step, compile seconds): lima-train's compiled step on a 1-device mesh."""
     import jax
 
     from lima_jax import mesh as mesh_lib, sharding, train
@@ -56,25 +58,24 @@ def bench_jax(steps: int, remat: str) -> dict:
     config = LlamaConfig(**CONFIG, dtype="float32", param_dtype="float32", remat_policy=remat)
     r = train.Recipe(1, BATCH, SEQ, 1e-5, 1e-6, 0, 0.9, 0.95, 0.1, 1, 0)
     mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    ts = train.build_train_step(config, r, mesh, sharding.DEFAULT_RULES, (), total_steps=steps + 2)
+    ts = train.build_train_step(config, r, mesh, sharding.DEFAULT_RULES, (), total_steps=1000)
     state = train.init_state(config, ts, 0, None)
     batch = {k: jax.device_put(v, ts.batch_sharding) for k, v in batch_arrays().items()}
     t = time.perf_counter()
     compiled = ts.fn.lower(ts.abstract_state, ts.abstract_batch).compile()
     compile_s = time.perf_counter() - t
-    state, m = compiled(state, batch)  # warm-up
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
+
+    def step():
+        nonlocal state
         state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
-    return {"step_s": float(np.median(times)), "compile_s": compile_s, "loss": float(m["loss"]),
-            "flops": train.model_flops_per_step(config, BATCH, SEQ)}
+        return float(m["loss"])  # waits for the step
+
+    return step, train.model_flops_per_step(config, BATCH, SEQ), compile_s
 
 
-def bench_torch(steps: int) -> dict:
+def torch_step():
+    """(run one step, torch threads): transformers' LlamaForCausalLM (its default attention, SDPA) and
+    torch AdamW with the same hyperparameters."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -95,33 +96,41 @@ def bench_torch(steps: int) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
-    step()  # warm-up
-    times = [_timed(step) for _ in range(steps)]
-    return {"step_s": float(np.median(times)), "threads": torch.get_num_threads()}
+    return step, torch.get_num_threads()
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (median reported)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per side, alternating (medians compared)")
     parser.add_argument("--remat", default="none", help="our remat policy (none, full, dots, ...)")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args(argv)
+    from lima_jax import cpu_tuning
+
+    cpu_tuning.keep_freed_memory()  # as lima-train does on CPU (it helps both sides: one process)
     peak = matmul_peak()
-    ours = bench_jax(args.steps, args.remat)
-    torch_ = bench_torch(args.steps)
+    ours, flops, compile_s = jax_step(args.remat)
+    theirs, threads = torch_step()
+    ours(), theirs()  # warm-up
+    ours_s, theirs_s = [], []
+    for _ in range(args.steps):  # alternating, so drifting background load hits both alike
+        ours_s.append(_timed(ours))
+        theirs_s.append(_timed(theirs))
     tokens = BATCH * SEQ
-    flops = ours["flops"]
+    ours_med, theirs_med = float(np.median(ours_s)), float(np.median(theirs_s))
     result = {
         "config": CONFIG, "batch": BATCH, "seq_len": SEQ, "matmul_peak_gflops": peak / 1e9,
-        "ours_tokens_per_s": tokens / ours["step_s"], "torch_tokens_per_s": tokens / torch_["step_s"],
-        "speedup_vs_torch": torch_["step_s"] / ours["step_s"],
-        "ours_mfu": flops / ours["step_s"] / peak, "torch_mfu": flops / torch_["step_s"] / peak,
-        "ours_step_s": ours["step_s"], "torch_step_s": torch_["step_s"], "ours_compile_s": ours["compile_s"],
-        "torch_threads": torch_["threads"], "remat": args.remat,
+        "ours_tokens_per_s": tokens / ours_med, "torch_tokens_per_s": tokens / theirs_med,
+        "speedup_vs_torch": theirs_med / ours_med, "speedup_best_vs_best": min(theirs_s) / min(ours_s),
+        "ours_mfu": flops / ours_med / peak, "torch_mfu": flops / theirs_med / peak,
+        "ours_step_s": ours_s, "torch_step_s": theirs_s, "ours_compile_s": compile_s,
+        "torch_threads": threads, "remat": args.remat, "load_average": os.getloadavg()[0],
     }
     for k, v in result.items():
+        if isinstance(v, list):
+            v = " ".join(f"{x:.3f}" for x in v)
         print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
     if args.json:
         tmp = args.json + ".tmp"

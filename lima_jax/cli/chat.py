@@ -18,9 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from lima_jax import chat, eval_decoder
+    from lima_jax import cpu_tuning, chat, eval_decoder
     from lima_jax.checkpoint import load_pretrained
 
+    cpu_tuning.keep_freed_memory()
     try:
         settings = eval_decoder.load_settings(args.gin_file, args.gin_bindings, sampling_overrides(args))
         tokenizer = eval_decoder.resolve_tokenizer(args.checkpoint, args.tokenizer)

@@ -25,9 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from lima_jax import eval_decoder
+    from lima_jax import cpu_tuning, eval_decoder
     from lima_jax.checkpoint import checkpoint_kind, load_pretrained
 
+    cpu_tuning.keep_freed_memory()
     try:
         settings = eval_decoder.load_settings(args.gin_file, args.gin_bindings,
                                               sampling_overrides(args, ("batch_size",)))
