@@ -100,27 +100,29 @@ def _cutoff_by_bisection(logits, lse, top_p):
     return jnp.max(jnp.where(keys == hi[:, None], logits, _NEG_INF), axis=-1)
 
 
-def _nucleus(logits, top_p, num_candidates):
-    """(candidate values, candidate ids, cutoff, exact): the top-p threshold, from the candidates
-    when they hold the whole nucleus (exact), else by bisection; -inf (keep all) for top_p >= 1."""
-    top_p = jnp.asarray(top_p, jnp.float32)
+def _candidates(logits, top_p, num_candidates):
+    """(candidate values, candidate ids, cutoff, exact): the top-K candidates and the top-p
+    threshold computed from them, exact where they hold the whole nucleus."""
     lse = jax.nn.logsumexp(logits, axis=-1)
     values, indices = jax.lax.top_k(logits, min(num_candidates, logits.shape[-1]))
-    cutoff, exact = _cutoff_by_candidates(values, lse, top_p)
-
-    def full():
-        return jax.lax.cond(top_p < 1.0, lambda: _cutoff_by_bisection(logits, lse, top_p),
-                            lambda: jnp.full(logits.shape[:1], _NEG_INF))
-
-    cutoff = jax.lax.cond(jnp.all(exact), lambda: cutoff, full)
+    cutoff, exact = _cutoff_by_candidates(values, lse, jnp.asarray(top_p, jnp.float32))
     return values, indices, cutoff, exact
 
 
 def top_p_filter(logits: jax.Array, top_p, num_candidates: int = NUM_CANDIDATES) -> jax.Array:
     """Keeps the smallest set of most probable tokens whose probability reaches top_p (at least
     one), as transformers' TopPLogitsWarper; tokens tied with the last kept one are kept too.
-    top_p >= 1 keeps everything (transformers' generate skips the warper then)."""
-    cutoff = _nucleus(logits, top_p, num_candidates)[2]
+    top_p >= 1 keeps everything (transformers' generate skips the warper then). The threshold comes
+    from the candidates when they hold the whole nucleus, else by bisection."""
+    top_p = jnp.asarray(top_p, jnp.float32)
+    _, _, cutoff, exact = _candidates(logits, top_p, num_candidates)
+
+    def full():
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return jax.lax.cond(top_p < 1.0, lambda: _cutoff_by_bisection(logits, lse, top_p),
+                            lambda: jnp.full(logits.shape[:1], _NEG_INF))
+
+    cutoff = jax.lax.cond(jnp.all(exact), lambda: cutoff, full)
     return jnp.where(logits < cutoff[:, None], _NEG_INF, logits)
 
 
@@ -151,9 +153,10 @@ def _inverse_cdf(u: jax.Array, logits: jax.Array) -> jax.Array:
 
 def sample(key: jax.Array, logits: jax.Array, top_p=1.0, num_candidates: int = NUM_CANDIDATES) -> jax.Array:
     """A token id per row drawn from softmax(top_p_filter(logits, top_p)) [B, V]. When the nucleus
-    lies among the top-K candidates (peaked distributions) the draw runs over those only."""
+    lies among the top-K candidates (peaked distributions) the draw runs over those only; otherwise
+    by rejection over the vocabulary, which needs no threshold."""
     u = jax.random.uniform(key, logits.shape[:1], jnp.float32)
-    values, indices, cutoff, exact = _nucleus(logits, top_p, num_candidates)
+    values, indices, cutoff, exact = _candidates(logits, top_p, num_candidates)
 
     def among_candidates():
         kept = jnp.where(values < cutoff[:, None], _NEG_INF, values)
