@@ -168,6 +168,26 @@ def sample(key: jax.Array, logits: jax.Array, top_p=1.0, num_candidates: int = N
     return jax.lax.cond(jnp.all(exact), among_candidates, over_vocabulary)
 
 
+_DRAW_BLOCK = 256  # vocabulary entries per block of the two-level inverse-CDF draw
+
+
+def _draw_by_block_sums(u: jax.Array, probs: jax.Array) -> jax.Array:
+    """`_inverse_cdf` for a whole vocabulary: the first index whose running mass exceeds u·total,
+    found among block sums, then inside one block. XLA:CPU runs a cumsum over 32k entries as a chain
+    of reduce-windows (~1.3 ms a step at batch 8); these two cumsums are over ~125 and 256 entries."""
+    b, v = probs.shape
+    blocks = -(-v // _DRAW_BLOCK)
+    padded = jnp.pad(probs, ((0, 0), (0, blocks * _DRAW_BLOCK - v))).reshape(b, blocks, _DRAW_BLOCK)
+    block_end = jnp.cumsum(jnp.sum(padded, axis=-1), axis=-1)  # [B, blocks]
+    target = u * block_end[:, -1]
+    j = jnp.minimum(jnp.sum(block_end <= target[:, None], axis=-1), blocks - 1)  # first block past target
+    before = jnp.where(j > 0, jnp.take_along_axis(block_end, jnp.maximum(j - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+    inside = jnp.take_along_axis(padded, j[:, None, None], axis=1)[:, 0]  # [B, block]
+    above = before[:, None] + jnp.cumsum(inside, axis=-1) > target[:, None]
+    # Rounding can leave no entry above target; the most probable token stands in (as in _inverse_cdf).
+    return jnp.where(jnp.any(above, axis=-1), j * _DRAW_BLOCK + jnp.argmax(above, axis=-1), jnp.argmax(probs, axis=-1))
+
+
 def _nucleus_draw_by_rejection(key, u, logits, top_p):
     """A draw from the nucleus of a flat distribution without finding its threshold: draw from the
     whole distribution and keep the token when it belongs to the nucleus (the tokens more probable
@@ -176,14 +196,12 @@ def _nucleus_draw_by_rejection(key, u, logits, top_p):
     the vocabulary replace the 32 passes of `_cutoff_by_bisection`."""
     top_p = jnp.asarray(top_p, jnp.float32)
     probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
-    running = jnp.cumsum(probs, axis=-1)
     rows = jnp.arange(logits.shape[0])
 
     def attempt(state):
         i, token, done = state
         draw_u = jnp.where(i == 0, u, jax.random.uniform(jax.random.fold_in(key, i), u.shape, jnp.float32))
-        above = running > (draw_u * running[:, -1])[:, None]
-        drawn = jnp.where(jnp.any(above, axis=-1), jnp.argmax(above, axis=-1), jnp.argmax(probs, axis=-1))
+        drawn = _draw_by_block_sums(draw_u, probs)
         mass_more_probable = jnp.sum(jnp.where(logits > logits[rows, drawn][:, None], probs, 0.0), axis=-1)
         accept = ~done & ((mass_more_probable < top_p) | (top_p >= 1.0))
         return i + 1, jnp.where(accept, drawn, token), done | accept

@@ -176,3 +176,18 @@ def test_new_tokens_bounded_by_context():
         lm.generate([[1] * 96])
     with pytest.raises(ValueError, match="top_p"):
         lm.generate([[1]], top_p=0.0)
+
+
+def test_block_sum_draw_equals_the_full_inverse_cdf():
+    """The two-level draw used over the vocabulary picks the very index a full cumsum picks, and
+    never a removed (-inf) token; 1000 entries are not a multiple of its block."""
+    from lima_jax.decoding import _draw_by_block_sums, _inverse_cdf
+
+    logits = jax.random.normal(jax.random.key(0), (4, 1000)) * 2
+    logits = logits.at[:, 500:700].set(-jnp.inf)
+    probs = jnp.exp(logits - jax.nn.logsumexp(logits, -1, keepdims=True))
+    us = jax.random.uniform(jax.random.key(1), (2000, 4))
+    ours = jax.vmap(lambda u: _draw_by_block_sums(u, probs))(us)
+    full = jax.vmap(lambda u: _inverse_cdf(u, logits))(us)
+    np.testing.assert_array_equal(ours, full)
+    assert not np.any((np.asarray(ours) >= 500) & (np.asarray(ours) < 700))
