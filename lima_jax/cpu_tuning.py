@@ -29,9 +29,22 @@ def compiler_options(platform: Optional[str] = None) -> Optional[dict]:
     return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else None
 
 
+class PlatformJit:
+    """`jax.jit(fn, **jit_kwargs)` twice: with the CPU options for CPU arrays, plainly for the rest.
+    `.on(platform)` picks one; each compiles (and caches) only when first called."""
+
+    def __init__(self, fn, **jit_kwargs):
+        self._cpu = jax.jit(fn, compiler_options=dict(CPU_COMPILER_OPTIONS), **jit_kwargs)
+        self._other = jax.jit(fn, **jit_kwargs)
+
+    def on(self, platform: str):
+        return self._cpu if platform == "cpu" else self._other
+
+
 def keep_freed_memory(platform: Optional[str] = None) -> bool:
-    """On "cpu" (default: JAX's default backend), asks glibc to serve every allocation from the heap and never shrink it, so freed buffers are
-    reused instead of unmapped and faulted in again. Process-wide; the process keeps its peak
+    """On "cpu" (default: JAX's default backend), asks glibc to serve every allocation from the
+    heap and never shrink it, so freed buffers are reused instead of unmapped and faulted in again.
+    Process-wide; the process keeps its peak
     memory until it exits (fine for a training or decoding run). Returns False where the C library
     is not glibc or the platform is not the CPU (nothing is changed then). lima-train, lima-decode,
     lima-chat and the demo call it; library users may too."""

@@ -16,7 +16,6 @@ token) are the one definition used by `LanguageModel.generate`, lima-decode, lim
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -316,10 +315,8 @@ def _generate(graphdef, params, prompts, prompt_mask, limit, key, settings, *, m
     return state.out, state.lengths, state.stopped
 
 
-_GENERATE_STATIC = ("graphdef", "max_new_tokens", "greedy", "top_k", "per_layer_weights")
-_generate_jit = {platform: jax.jit(_generate, static_argnames=_GENERATE_STATIC,
-                                   compiler_options=cpu_tuning.compiler_options(platform))
-                 for platform in ("cpu", "default")}
+_generate_jit = cpu_tuning.PlatformJit(
+    _generate, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "per_layer_weights"))
 
 
 class Generation(NamedTuple):
@@ -365,12 +362,12 @@ def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greed
                         jnp.asarray(stop_ids + [-1], jnp.int32))
     if max_new_tokens == 0:
         return Generation([[] for _ in prompts], [False] * len(prompts))
-    platform = lm._platform()
+    platform = lm.platform()
     with lm._rules():
-        out, lengths, stopped = _generate_jit[platform](lm._graphdef, lm._state, jnp.asarray(tokens), jnp.asarray(mask),
-                                          jnp.asarray(limit), jax.random.key(seed), settings,
-                                          max_new_tokens=steps, greedy=bool(greedy), top_k=int(top_k),
-                                          per_layer_weights=platform == "cpu")
+        out, lengths, stopped = _generate_jit.on(platform)(
+            lm._graphdef, lm._state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(limit),
+            jax.random.key(seed), settings, max_new_tokens=steps, greedy=bool(greedy), top_k=int(top_k),
+            per_layer_weights=platform == "cpu")
     out, lengths, stopped = np.asarray(out), np.asarray(lengths), np.asarray(stopped)
     # Recorded tokens are contiguous from column 0: a row records every step until it finishes.
     return Generation([out[i, : lengths[i]].tolist() for i in range(len(prompts))], stopped.tolist())

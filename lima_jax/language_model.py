@@ -40,9 +40,7 @@ def _forward_logits(graphdef, state, tokens, attention_mask):
     return nnx.merge(graphdef, state)(tokens, attention_mask).logits
 
 
-_forward_logits_jit = {platform: jax.jit(_forward_logits, static_argnums=0,
-                                         compiler_options=cpu_tuning.compiler_options(platform))
-                       for platform in ("cpu", "default")}
+_forward_logits_jit = cpu_tuning.PlatformJit(_forward_logits, static_argnums=0)
 
 
 class LanguageModel:
@@ -70,8 +68,8 @@ class LanguageModel:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {tokens.min()}..{tokens.max()}")
         mask = np.ones_like(tokens, bool) if attention_mask is None else np.asarray(attention_mask, bool)
         with self._rules():
-            out = _forward_logits_jit[self._platform()](self._graphdef, self._state, jnp.asarray(tokens),
-                                                        jnp.asarray(mask))
+            forward = _forward_logits_jit.on(self.platform())
+            out = forward(self._graphdef, self._state, jnp.asarray(tokens), jnp.asarray(mask))
         return np.asarray(out[..., : self.config.vocab_size], np.float32)
 
     def generate(self, prompts, max_new_tokens: int = 2048, greedy: bool = False, temperature: float = 0.7,
@@ -85,10 +83,9 @@ class LanguageModel:
                                  top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
                                  stop_ids=stop_ids).tokens
 
-    def _platform(self) -> str:
-        """"cpu" or "default": picks the compiled calls' compiler options (cpu_tuning.py)."""
-        platform = jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
-        return "cpu" if platform == "cpu" else "default"
+    def platform(self) -> str:
+        """Where the parameters live ("cpu", "tpu", ...): picks the compiled calls' options."""
+        return jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
 
     def _rules(self):
         return contextlib.nullcontext() if self.mesh is None else sharding.use_rules(self.mesh, self.rules)

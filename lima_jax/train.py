@@ -212,20 +212,20 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
                                  batch)
 
+            def micro_grads(j, mb):
+                """((loss sum, (correct, weight)), grads) of microbatch j."""
+                mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, b_shard), mb)
+                return jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb, jax.random.fold_in(step_key, j))
+
             def accumulate(carry, xs):
                 grads, loss_sum, correct, weight = carry
-                j, mb = xs
-                mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, b_shard), mb)
-                (l, (c, w)), g = jax.value_and_grad(loss_fn, has_aux=True)(
-                    state.params, mb, jax.random.fold_in(step_key, j))
+                (l, (c, w)), g = micro_grads(*xs)
                 grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
                 grads = jax.lax.with_sharding_constraint(grads, shards.params)
                 return (grads, loss_sum + l, correct + c, weight + w), None
 
             if accum == 1:  # no zero-filled accumulator to write and add to (a pass over all params)
-                mb = jax.tree.map(lambda x: x[0], micro)
-                (loss_sum, (correct, weight)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                    state.params, mb, jax.random.fold_in(step_key, 0))
+                (loss_sum, (correct, weight)), grads = micro_grads(0, jax.tree.map(lambda x: x[0], micro))
             else:
                 zeros = jax.tree.map(jnp.zeros_like, state.params)
                 zero = jnp.zeros((), jnp.float32)

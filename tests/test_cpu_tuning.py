@@ -23,10 +23,12 @@ def test_cpu_programs_have_no_ynnpack_fusions():
         return jnp.tanh(a @ b)
 
     a = jnp.ones((64, 64))
-    default = jax.jit(f).lower(a, a).compile().as_text()
-    tuned = jax.jit(f, compiler_options=cpu_tuning.compiler_options("cpu")).lower(a, a).compile().as_text()
+    both = cpu_tuning.PlatformJit(f)
+    default = both.on("tpu").lower(a, a).compile().as_text()  # the plain jit (compiled here for the CPU)
+    tuned = both.on("cpu").lower(a, a).compile().as_text()
     assert YNN in default  # the check below can fail: XLA:CPU does use YNNPACK by default
     assert YNN not in tuned
+    assert YNN not in jax.jit(f, compiler_options=cpu_tuning.compiler_options("cpu")).lower(a, a).compile().as_text()
 
 
 def test_train_step_and_generate_are_compiled_without_ynnpack():
@@ -44,7 +46,7 @@ def test_train_step_and_generate_are_compiled_without_ynnpack():
     lm = LanguageModel(config, build_model(config))
     tokens, mask = decoding.left_pad([[3, 4, 5]])
     settings = decoding.Settings(jnp.float32(0.7), jnp.float32(0.9), jnp.float32(1.2), jnp.asarray([-1], jnp.int32))
-    lowered = decoding._generate_jit[lm._platform()].lower(
+    lowered = decoding._generate_jit.on(lm.platform()).lower(
         lm._graphdef, lm._state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray([4], jnp.int32),
         jax.random.key(0), settings, max_new_tokens=4, greedy=False, top_k=0, per_layer_weights=True)
     assert YNN not in lowered.compile().as_text()
