@@ -4,14 +4,17 @@ faster. Neither changes a result, and neither touches TPU programs.
 - Compiler options for CPU executables: XLA:CPU hands dot products to YNNPACK by default, whose
   kernels run the batched attention products of training 2-3x slower than Eigen's and the
   matrix-vector products of a decode step ~1.4x slower (measured on a 2-core EPYC, 58M LLaMA).
-- `keep_freed_memory()`: glibc returns every freed block over 32 MiB to the kernel, so each step's
-  large temporaries (a [B·T, vocab] float32 logits buffer is 262 MB at 4 x 512) are page-faulted
-  in afresh, which made a memory-bound pass ~4x slower. Keeping freed memory in the heap reuses it.
+- `keep_freed_memory()`: glibc returns every freed block over 32 MiB to the kernel, and a thread
+  other than the main one (XLA runs its programs on such threads) always maps blocks over 64 MiB
+  afresh, so each step's large temporaries (1.2 GB per train step of the 58M benchmark model) were
+  page-faulted in again: ~20% of a train step, ~4x a memory-bound pass. One heap that keeps freed
+  memory lets every step reuse the last step's pages.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from typing import Optional
 
 import jax
@@ -19,7 +22,7 @@ import jax
 # An empty list of YNNPACK fusion kinds: no op goes to YNNPACK, dots go to Eigen.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters from glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # mallopt parameters from glibc's malloc.h
 
 
 def compiler_options(platform: Optional[str] = None) -> Optional[dict]:
@@ -42,13 +45,17 @@ class PlatformJit:
 
 
 def keep_freed_memory(platform: Optional[str] = None) -> bool:
-    """On "cpu" (default: JAX's default backend), asks glibc to serve every allocation from the
-    heap and never shrink it, so freed buffers are reused instead of unmapped and faulted in again.
-    Process-wide; the process keeps its peak
-    memory until it exits (fine for a training or decoding run). Returns False where the C library
-    is not glibc or the platform is not the CPU (nothing is changed then). lima-train, lima-decode,
-    lima-chat and the demo call it; library users may too."""
-    if (platform or jax.default_backend()) != "cpu":
+    """On "cpu" (default: JAX's default backend), asks glibc to serve every thread's allocations from
+    the one main heap, never from fresh mappings, and never to shrink it, so freed buffers are reused
+    instead of unmapped and faulted in again. Process-wide; the process keeps its peak memory until
+    it exits (fine for a training or decoding run).
+
+    Call it before JAX starts its backend (before the first `jax.devices()`): a thread keeps the heap
+    it first allocated from, and XLA's threads start with the backend. With platform=None this call
+    starts the backend itself, after the switch, and undoes the switch if the backend is not the CPU.
+    Returns False (nothing changed) where the C library is not glibc or the platform is not the CPU.
+    lima-train, lima-decode, lima-chat and the demo call it; library users may too."""
+    if platform not in (None, "cpu"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -56,4 +63,9 @@ def keep_freed_memory(platform: Optional[str] = None) -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if not mallopt(_M_ARENA_MAX, 1):  # one heap: threads started from now on share the main one
+        return False
+    if (platform or jax.default_backend()) != "cpu":
+        mallopt(_M_ARENA_MAX, 8 * (os.cpu_count() or 1))  # glibc's own limit for 64-bit hosts
+        return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
