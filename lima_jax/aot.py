@@ -116,7 +116,7 @@ def _configure(model: str, batch_size: int, seq_len: int, remat: Optional[str], 
         bindings.append(f"model_config.remat_policy='{remat}'")
     train.parse_gin([f"models/{model}.gin", "runs/lima_sft.gin"], bindings)
     r = train.recipe()
-    config = train.model_config()
+    config = train.model_config(platform="tpu")  # as lima-train builds it on the slice
     # As trained: the EOT row appended by `lima-convert --add_eot`, rows padded to 128 for even sharding.
     config = config.replace(vocab_size=config.vocab_size + 1, vocab_padding_multiple=128)
     return r, config

@@ -116,6 +116,16 @@ def test_lima_sft_recipe_has_the_papers_values():
     gin.clear_config()
 
 
+def test_layers_are_scanned_on_accelerators_and_unrolled_on_cpu():
+    # An unset scan_layers follows the platform lima-train runs on; an explicit value always wins.
+    assert train.model_config(preset="tiny", platform="tpu").scan_layers is True
+    assert train.model_config(preset="tiny", platform="cpu").scan_layers is False
+    assert train.model_config(preset="tiny", platform="cpu", scan_layers=True).scan_layers is True
+    _parse("models/llama_65b.gin", "meshes/single.gin", "runs/lima_sft.gin",
+           bindings=["INIT_CHECKPOINT=None", "DATA_DIR=None", "TOKENIZER=None"])
+    assert train.model_config(platform="tpu").scan_layers is True  # what lima-aot compiles for pods
+
+
 def test_optimizer_is_adamw_with_the_recipe(tmp_path):
     """One step of our optimizer equals optax.adamw's (no decay on norm scales)."""
     import optax

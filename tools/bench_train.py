@@ -49,13 +49,16 @@ def batch_arrays(seed: int = 0) -> dict:
 
 
 def jax_step(remat: str):
-    """(run one step, flops per step, compile seconds): lima-train's compiled step on a 1-device mesh."""
+    """(run one step, flops per step, compile seconds, scan_layers): lima-train's compiled step on a
+    1-device mesh."""
     import jax
 
     from lima_jax import mesh as mesh_lib, sharding, train
     from lima_jax.config import LlamaConfig
 
-    config = LlamaConfig(**CONFIG, dtype="float32", param_dtype="float32", remat_policy=remat)
+    # Through lima-train's own model_config: its CPU choices (layers unrolled) apply here too.
+    config = train.model_config(base=LlamaConfig(**CONFIG), dtype="float32", param_dtype="float32",
+                                remat_policy=remat, platform="cpu")
     r = train.Recipe(1, BATCH, SEQ, 1e-5, 1e-6, 0, 0.9, 0.95, 0.1, 1, 0)
     mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     ts = train.build_train_step(config, r, mesh, sharding.DEFAULT_RULES, (), total_steps=1000)
@@ -70,7 +73,7 @@ def jax_step(remat: str):
         state, m = compiled(state, batch)
         return float(m["loss"])  # waits for the step
 
-    return step, train.model_flops_per_step(config, BATCH, SEQ), compile_s
+    return step, train.model_flops_per_step(config, BATCH, SEQ), compile_s, config.scan_layers
 
 
 def torch_step():
@@ -111,7 +114,7 @@ def main(argv=None) -> dict:
 
     cpu_tuning.keep_freed_memory()  # as lima-train does on CPU (it helps both sides: one process)
     peak = matmul_peak()
-    ours, flops, compile_s = jax_step(args.remat)
+    ours, flops, compile_s, scan = jax_step(args.remat)
     theirs, threads = torch_step()
     ours(), theirs()  # warm-up
     ours_s, theirs_s = [], []
@@ -126,7 +129,7 @@ def main(argv=None) -> dict:
         "speedup_vs_torch": theirs_med / ours_med, "speedup_best_vs_best": min(theirs_s) / min(ours_s),
         "ours_mfu": flops / ours_med / peak, "torch_mfu": flops / theirs_med / peak,
         "ours_step_s": ours_s, "torch_step_s": theirs_s, "ours_compile_s": compile_s,
-        "torch_threads": threads, "remat": args.remat, "load_average": os.getloadavg()[0],
+        "torch_threads": threads, "remat": args.remat, "scan_layers": scan, "load_average": os.getloadavg()[0],
     }
     for k, v in result.items():
         if isinstance(v, list):
