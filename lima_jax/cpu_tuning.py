@@ -4,11 +4,12 @@ faster. Neither changes a result, and neither touches TPU programs.
 - Compiler options for CPU executables: XLA:CPU hands dot products to YNNPACK by default, whose
   kernels run the batched attention products of training 2-3x slower than Eigen's and the
   matrix-vector products of a decode step ~1.4x slower (measured on a 2-core EPYC, 58M LLaMA).
-- `keep_freed_memory()`: glibc returns every freed block over 32 MiB to the kernel, and a thread
-  other than the main one (XLA runs its programs on such threads) always maps blocks over 64 MiB
-  afresh, so each step's large temporaries (1.2 GB per train step of the 58M benchmark model) were
-  page-faulted in again: ~20% of a train step, ~4x a memory-bound pass. One heap that keeps freed
-  memory lets every step reuse the last step's pages.
+- `keep_freed_memory()`: glibc returns every freed block over 32 MiB to the kernel, so large
+  temporaries are page-faulted in afresh at every use, which made a memory-bound pass ~4x slower.
+  Keeping freed memory in the heap reuses it. XLA runs its programs on threads of their own, whose
+  heaps map blocks over 64 MiB afresh regardless; `one_heap=True` (lima-train) moves them to the main
+  heap too, which saved the 1.2 GB of page faults of every 58M train step (~20% of the step) but made
+  decoding's many small allocations wait on one lock (~15% slower), so decoding keeps its heaps.
 """
 from __future__ import annotations
 
@@ -44,17 +45,18 @@ class PlatformJit:
         return self._cpu if platform == "cpu" else self._other
 
 
-def keep_freed_memory(platform: Optional[str] = None) -> bool:
-    """On "cpu" (default: JAX's default backend), asks glibc to serve every thread's allocations from
-    the one main heap, never from fresh mappings, and never to shrink it, so freed buffers are reused
-    instead of unmapped and faulted in again. Process-wide; the process keeps its peak memory until
-    it exits (fine for a training or decoding run).
+def keep_freed_memory(platform: Optional[str] = None, *, one_heap: bool = False) -> bool:
+    """On "cpu" (default: JAX's default backend), asks glibc never to serve allocations from fresh
+    mappings nor to shrink the heap, so freed buffers are reused instead of unmapped and faulted in
+    again. With one_heap, every thread allocates from the main heap (see the module docstring).
+    Process-wide; the process keeps its peak memory until it exits (fine for a training or decoding
+    run).
 
-    Call it before JAX starts its backend (before the first `jax.devices()`): a thread keeps the heap
-    it first allocated from, and XLA's threads start with the backend. With platform=None this call
-    starts the backend itself, after the switch, and undoes the switch if the backend is not the CPU.
-    Returns False (nothing changed) where the C library is not glibc or the platform is not the CPU.
-    lima-train, lima-decode, lima-chat and the demo call it; library users may too."""
+    For one_heap, call it before JAX starts its backend (before the first `jax.devices()`): a thread
+    keeps the heap it first allocated from, and XLA's threads start with the backend. With
+    platform=None this call starts the backend itself, after the switch, and undoes the switch if the
+    backend is not the CPU. Returns False (nothing changed) where the C library is not glibc or the
+    platform is not the CPU. lima-train (one_heap), lima-decode, lima-chat and the demo call it."""
     if platform not in (None, "cpu"):
         return False
     try:
@@ -63,9 +65,10 @@ def keep_freed_memory(platform: Optional[str] = None) -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if not mallopt(_M_ARENA_MAX, 1):  # one heap: threads started from now on share the main one
+    if one_heap and not mallopt(_M_ARENA_MAX, 1):  # threads started from now on share the main heap
         return False
     if (platform or jax.default_backend()) != "cpu":
-        mallopt(_M_ARENA_MAX, 8 * (os.cpu_count() or 1))  # glibc's own limit for 64-bit hosts
+        if one_heap:
+            mallopt(_M_ARENA_MAX, 8 * (os.cpu_count() or 1))  # glibc's own limit for 64-bit hosts
         return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))

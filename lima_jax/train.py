@@ -416,7 +416,7 @@ def train(model_dir: str, *, mixture: str = gin.REQUIRED, data_dir: Optional[str
           checkpoint_every_epoch: bool = True, log_every: int = 1) -> dict:
     """Trains (or resumes, from the latest checkpoint in model_dir) and returns the last metrics."""
     r = recipe()
-    cpu_tuning.keep_freed_memory()  # before the backend starts (it starts XLA's threads)
+    cpu_tuning.keep_freed_memory(one_heap=True)  # before the backend starts (it starts XLA's threads)
     mesh = mesh_lib.make_mesh()
     rules, fsdp_axes = mesh_lib.logical_rules()
     base = LlamaConfig.load_json(os.path.join(init_checkpoint, CONFIG_FILE)) if init_checkpoint else None

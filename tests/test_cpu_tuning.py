@@ -61,8 +61,8 @@ _FAULTS = """
 import resource, sys
 from lima_jax import cpu_tuning
 import jax, jax.numpy as jnp
-if sys.argv[1] == "keep":
-    assert cpu_tuning.keep_freed_memory()  # before the backend starts, as the CLIs call it
+if sys.argv[1] == "one_heap":
+    assert cpu_tuning.keep_freed_memory(one_heap=True)  # before the backend starts, as lima-train calls it
 big = jax.jit(lambda x, y, v: (x[:, None] * y[None, :] + 1.0) @ v)
 x, y, v = jnp.ones(8192), jnp.ones(4096), jnp.ones(4096)
 faulted = []
@@ -83,14 +83,15 @@ def _last_run_faults_mib(mode: str) -> float:
 
 @pytest.mark.skipif("glibc" not in " ".join(__import__("platform").libc_ver()), reason="mallopt is glibc's")
 def test_keep_freed_memory_stops_page_faults_of_repeated_runs():
-    # XLA runs programs on its own threads; without the switch their big temporaries are mapped and
-    # unmapped on every run, so every run faults its 128 MB in again.
+    # XLA runs programs on its own threads; unless they share the main heap, their big temporaries
+    # are mapped and unmapped on every run, so every run faults its 128 MB in again.
     assert _last_run_faults_mib("default") > 100
-    assert _last_run_faults_mib("keep") < 16
+    assert _last_run_faults_mib("one_heap") < 16
 
 
 @pytest.mark.skipif("glibc" not in " ".join(__import__("platform").libc_ver()), reason="mallopt is glibc's")
 def test_keep_freed_memory_changes_nothing_for_other_platforms():
     code = ("from lima_jax import cpu_tuning; import sys; "
-            "sys.exit(0 if not cpu_tuning.keep_freed_memory('tpu') and cpu_tuning.keep_freed_memory('cpu') else 1)")
+            "sys.exit(0 if not cpu_tuning.keep_freed_memory('tpu', one_heap=True) "
+            "and cpu_tuning.keep_freed_memory('cpu') else 1)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
