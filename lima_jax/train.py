@@ -83,7 +83,7 @@ def model_config(preset: Optional[str] = None, dtype: str = "bfloat16", param_dt
 
     scan_layers=None picks by `platform` (default: JAX's default backend): a scan over the layers on
     TPU and GPU, where deep models compile one layer instead of 80; a Python loop on the CPU, where
-    XLA copies a scan's per-layer activations into stacked buffers and back (~10% of a step at 58M)
+    XLA copies a scan's per-layer activations into stacked buffers and back (5-10% of a 58M step)
     and models are small enough to compile unrolled."""
     if base is None:
         if preset is None:

@@ -124,6 +124,7 @@ def test_layers_are_scanned_on_accelerators_and_unrolled_on_cpu():
     _parse("models/llama_65b.gin", "meshes/single.gin", "runs/lima_sft.gin",
            bindings=["INIT_CHECKPOINT=None", "DATA_DIR=None", "TOKENIZER=None"])
     assert train.model_config(platform="tpu").scan_layers is True  # what lima-aot compiles for pods
+    gin.clear_config()
 
 
 def test_optimizer_is_adamw_with_the_recipe(tmp_path):
