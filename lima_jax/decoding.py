@@ -16,6 +16,7 @@ token) are the one definition used by `LanguageModel.generate`, lima-decode, lim
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple, Optional, Sequence
 
 import jax
@@ -24,8 +25,7 @@ import numpy as np
 from flax import nnx
 
 from lima_jax import cpu_tuning
-from lima_jax.model import KVCache, Llama
-from lima_jax.sharding import constrain
+from lima_jax.model import LAYER_CACHE_NAMES, STACKED_CACHE_NAMES, KVCache, Llama
 
 NUM_CANDIDATES = 64  # top-K candidates tried for top-p and for the draw before any full-vocabulary pass
 # Trap: slicing lax.top_k's output (e.g. values[:, -1]) stops XLA:CPU from recognising it and turns it
@@ -268,8 +268,6 @@ def start(model: Llama, prompts, prompt_mask, limit, key, settings: Settings, *,
     cfg = model.config
     b, p = prompts.shape
     cache = KVCache.zeros(cfg, b, p + max_new_tokens)
-    names = ("layers", "batch", "length", "kv_heads", "head_dim")
-    cache = cache._replace(k=constrain(cache.k, names), v=constrain(cache.v, names))
     logits, cache = _next_logits(model, prompts, prompt_mask, cache)
     seen = seen_mask(jnp.where(prompt_mask, prompts, -1), cfg.vocab_size)
     state = DecodeState(cache=cache, seen=seen, last=jnp.zeros((b,), jnp.int32),
@@ -417,10 +415,11 @@ def lower_decode_step(config, mesh, rules, batch_size: int, cache_len: int, *, g
                                     NamedSharding(mesh, PartitionSpec()))
 
     b, v = batch_size, config.vocab_size
-    kv_shape = (config.num_layers, b, cache_len, config.num_kv_heads, config.head_dim)
-    kv_names = ("layers", "batch", "length", "kv_heads", "head_dim")
-    cache = KVCache(arg(kv_shape, config.dtype, kv_names), arg(kv_shape, config.dtype, kv_names),
-                    arg((b, cache_len), jnp.bool_, ("batch", "length")), arg((), jnp.int32))
+    kv = jax.eval_shape(lambda: KVCache.zeros(config, b, cache_len))  # the layout follows config.scan_layers
+    kv_names = STACKED_CACHE_NAMES if config.scan_layers else LAYER_CACHE_NAMES
+    buffers = partial(jax.tree.map, lambda a: arg(a.shape, a.dtype, kv_names))
+    cache = KVCache(buffers(kv.k), buffers(kv.v), arg((b, cache_len), jnp.bool_, ("batch", "length")),
+                    arg((), jnp.int32))
     state = DecodeState(cache=cache, seen=arg((b, v), jnp.bool_, ("batch", "vocab")), last=arg((b,), jnp.int32),
                         out=arg((b, cache_len), jnp.int32), lengths=arg((b,), jnp.int32), step=arg((), jnp.int32),
                         done=arg((b,), jnp.bool_), stopped=arg((b,), jnp.bool_), limit=arg((b,), jnp.int32),

@@ -6,12 +6,13 @@ Layout choices (see DESIGN.md):
 - The decoder layers' parameters are stored stacked on a leading "layers" axis. `scan_layers=True`
   runs them with `jax.lax.scan`; `False` unrolls a Python loop over the same arrays, so the two
   modes share checkpoints.
-- The KV cache is an explicit value (`KVCache`), passed in and returned, so decoding stays pure.
+- The KV cache is an explicit value (`KVCache`), passed in and returned, so decoding stays pure. Its
+  layout follows the layer loop: stacked on a "layers" axis for the scan, one buffer per layer for
+  the unrolled loop (see KVCache).
 """
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import NamedTuple, Optional
 
 import jax
@@ -35,20 +36,40 @@ def _param(key, shape, names, dtype, init="normal") -> nnx.Param:
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
+STACKED_CACHE_NAMES = ("layers", "batch", "length", "kv_heads", "head_dim")
+LAYER_CACHE_NAMES = ("batch", "kv_heads", "length", "head_dim")
+
+
 class KVCache(NamedTuple):
     """Keys/values of every layer for `max_len` slots. `mask[b, s]` marks slots holding real tokens
-    (left padding is masked out); `index` is the next slot to write, shared by all rows."""
-    k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-    v: jax.Array
+    (left padding is masked out); `index` is the next slot to write, shared by all rows.
+
+    k and v come in one of two layouts, chosen by `zeros` from config.scan_layers:
+    - stacked, for the scanned layer loop: one array [layers, batch, max_len, kv_heads, head_dim];
+    - per layer, for the unrolled loop: a tuple of arrays [batch, kv_heads, max_len, head_dim]. XLA:CPU
+      copies a layer's slice out of stacked buffers at every read (~15% of a 58M decode step at batch
+      8); separate buffers are written in place and read where they lie, heads first so that each
+      attention product is a plain batched matmul."""
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     mask: jax.Array  # [batch, max_len] bool
     index: jax.Array  # int32 scalar
 
     @classmethod
     def zeros(cls, config: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
-        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
         dtype = dtype or config.dtype
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
-                   jnp.zeros((), jnp.int32))
+        kvh, d = config.num_kv_heads, config.head_dim
+        if config.scan_layers:
+            k, v = (constrain(jnp.zeros((config.num_layers, batch, max_len, kvh, d), dtype), STACKED_CACHE_NAMES)
+                    for _ in range(2))
+        else:
+            k, v = (tuple(constrain(jnp.zeros((batch, kvh, max_len, d), dtype), LAYER_CACHE_NAMES)
+                          for _ in range(config.num_layers)) for _ in range(2))
+        return cls(k, v, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, tuple)
 
 
 class ModelOutput(NamedTuple):
@@ -130,10 +151,10 @@ class Attention(nnx.Module):
         self.attention_block = config.attention_block
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
-        """x [B,T,E]; mask [B,T,S] bool (True = may attend). With kv_cache=(k, v, layer), k and v the
-        all-layer buffers [L,B,S,KVH,D], the new keys/values are written at (layer, cache_index) and
-        attention runs over all S slots of that layer. Returns (out [B,T,E], (k, v)): the new tokens'
-        [B,T,KVH,D], or the updated buffers when a cache was given."""
+        """x [B,T,E]; mask [B,T,S] bool (True = may attend). With a cache, the new keys/values are
+        written at slot cache_index and attention runs over all S slots: kv_cache=(k, v, None) with
+        this layer's buffers [B,KVH,S,D], or (k, v, layer) with the all-layer buffers [L,B,S,KVH,D].
+        Returns (out [B,T,E], (k, v)): the new tokens' [B,T,KVH,D], or the updated buffers."""
         dtype = x.dtype
         q = _project(x, self.q_proj[...].astype(dtype))
         k = _project(x, self.k_proj[...].astype(dtype))
@@ -141,28 +162,11 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        keys, values = k, v
-        if kv_cache is not None:
-            # Write the new slots into the all-layer buffers first, then read this layer back: the
-            # buffers are updated in place (reading the old layer first made XLA copy them whole).
-            k_all, v_all, layer = kv_cache
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, cache_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, cache_index, 0, 0))
-            keys = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False).astype(dtype)
-            values = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False).astype(dtype)
-            k, v = k_all, v_all
-        b, t, h, d = q.shape
-        attend = partial(_attend, num_groups=self.num_groups)
-        if kv_cache is not None and t == 1:
-            # Decoding on CPU: the batched dot over kv heads transposes the layer's whole cache at every
-            # step there; scoring all (head, slot, kv head) triples is cheaper for few kv heads. Chosen
-            # when lowering, so TPU programs (AOT included) keep the plain path.
-            pairs = partial(_attend_one_token_pairs, num_groups=self.num_groups)
-            out = jax.lax.platform_dependent(q, keys, values, mask, cpu=pairs, default=attend)
-        elif kv_cache is None:
-            out = causal_attention(q, keys, values, mask, block=self.attention_block)
+        if kv_cache is None:
+            out = causal_attention(q, k, v, mask, block=self.attention_block)
         else:
-            out = attend(q, keys, values, mask)
+            k, v, keys, values = _write_cache(k, v, kv_cache, cache_index)
+            out = _attend(q, keys.astype(dtype), values.astype(dtype), mask, self.num_groups)
         out = _matmul(out.reshape(*out.shape[:2], -1), self.o_proj[...].astype(dtype).reshape(-1, x.shape[-1]))
         return out, (k, v)
 
@@ -180,36 +184,36 @@ def _project(x: jax.Array, w: jax.Array) -> jax.Array:
     return _matmul(x, w.reshape(e, h * d)).reshape(*x.shape[:2], h, d)
 
 
+def _write_cache(k, v, kv_cache, index):
+    """Writes the new keys/values [B,T,KVH,D] at slot `index` of the cache buffers; returns the updated
+    buffers and this layer's keys/values [B,KVH,S,D]. The slots are written first and the layer read
+    back from the result, so the buffers are updated in place (reading the old layer first made XLA
+    copy them whole)."""
+    k_buffer, v_buffer, layer = kv_cache
+    if layer is None:  # this layer's own buffers [B,KVH,S,D]
+        k_buffer = jax.lax.dynamic_update_slice(k_buffer, k.swapaxes(1, 2).astype(k_buffer.dtype), (0, 0, index, 0))
+        v_buffer = jax.lax.dynamic_update_slice(v_buffer, v.swapaxes(1, 2).astype(v_buffer.dtype), (0, 0, index, 0))
+        return k_buffer, v_buffer, k_buffer, v_buffer
+    k_buffer = jax.lax.dynamic_update_slice(k_buffer, k[None].astype(k_buffer.dtype), (layer, 0, index, 0, 0))
+    v_buffer = jax.lax.dynamic_update_slice(v_buffer, v[None].astype(v_buffer.dtype), (layer, 0, index, 0, 0))
+    keys = jax.lax.dynamic_index_in_dim(k_buffer, layer, keepdims=False).swapaxes(1, 2)
+    values = jax.lax.dynamic_index_in_dim(v_buffer, layer, keepdims=False).swapaxes(1, 2)
+    return k_buffer, v_buffer, keys, values
+
+
 def _attend(q, keys, values, mask, num_groups):
-    """Softmax attention: q [B,T,H,D], keys/values [B,S,KVH,D], mask [B,T,S] → [B,T,H,D]. The heads are
-    moved next to the batch first so both products are plain batched matmuls (XLA:CPU runs dots with
-    interleaved batch dimensions several times slower, forward and backward)."""
+    """Softmax attention over a cache: q [B,T,H,D], keys/values [B,KVH,S,D], mask [B,T,S] → [B,T,H,D].
+    The query heads sharing a kv head are grouped with its rows, so both products are plain batched
+    matmuls over (batch, kv head)."""
     b, t, h, d = q.shape
-    s, kvh = keys.shape[1], keys.shape[2]
-    q = q.reshape(b, t, kvh, num_groups, d).transpose(0, 2, 3, 1, 4).reshape(b * kvh, num_groups * t, d)
-    k = keys.transpose(0, 2, 3, 1).reshape(b * kvh, d, s)
-    scores = jnp.matmul(q, k, preferred_element_type=jnp.float32).reshape(b, kvh, num_groups, t, s) / math.sqrt(d)
+    kvh, s = keys.shape[1], keys.shape[2]
+    q = q.reshape(b, t, kvh, num_groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, num_groups * t, d)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, keys, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kvh, num_groups, t, s) / math.sqrt(d)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b * kvh, num_groups * t, s)
-    out = jnp.matmul(probs, values.transpose(0, 2, 1, 3).reshape(b * kvh, s, d))
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kvh, num_groups * t, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, values)
     return out.reshape(b, kvh, num_groups, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
-
-
-def _attend_one_token_pairs(q, keys, values, mask, num_groups):
-    """`_attend` for T = 1 with the cache read in its stored layout: every query head is scored
-    against every (slot, kv head) pair, then each keeps its own kv head's entries."""
-    b, _, h, d = q.shape
-    s, kvh = keys.shape[1], keys.shape[2]
-    pairs = jnp.einsum("bqd,bpd->bqp", q.reshape(b, h, d), keys.reshape(b, s * kvh, d),
-                       preferred_element_type=jnp.float32).reshape(b, kvh, num_groups, s, kvh)
-    own = jnp.eye(kvh, dtype=bool)[:, None, None, :]
-    scores = jnp.sum(jnp.where(own, pairs, 0.0), axis=-1)[:, :, :, None, :] / math.sqrt(d)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    pairs = jnp.einsum("bqs,bsp->bqp", probs.reshape(b, h, s), values.reshape(b, s, kvh * d))
-    pairs = pairs.reshape(b, kvh, num_groups, kvh, d)
-    own = jnp.eye(kvh, dtype=bool)[:, None, :, None]
-    return jnp.sum(jnp.where(own, pairs, jnp.zeros((), pairs.dtype)), axis=3).reshape(b, 1, h, d)
 
 
 class MLP(nnx.Module):
@@ -330,40 +334,48 @@ class Llama(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
         rates = jnp.asarray(cfg.layer_dropout_rates(), jnp.float32)
 
-        def one_layer(x, layer_params, layer_index, cache_kv):
+        def one_layer(x, layer_params, layer_index, kv):
+            """kv: None, or the cache buffers the layer writes its slots into (see Attention)."""
             layer = nnx.merge(graphdef, gather_layer_params(layer_params))  # FSDP: per layer, in the loop
             dropping = dropout_key is not None and cfg.residual_dropout > 0  # no masks to draw at rate 0
             key = jax.random.fold_in(dropout_key, layer_index) if dropping else None
-            kv = None if cache_kv is None else (*cache_kv, layer_index)  # the layer writes its slots
             return layer(x, cos, sin, mask, rates[layer_index], key, kv, cache_index)
 
         if cfg.remat_policy != "none":
             one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat_policy])
 
-        cache_kv = None if cache is None else (cache.k, cache.v)
         hidden = [x] if return_hidden_states else None
         if cfg.scan_layers:
+            if cache is not None and cache.per_layer:
+                raise ValueError("the scanned layer loop needs a stacked KV cache; build it with scan_layers=True")
+
             def body(carry, xs):
                 x, cache_kv = carry
                 layer_params, layer_index = xs
-                x, new_kv = one_layer(x, layer_params, layer_index, cache_kv)
+                kv = None if cache_kv is None else (*cache_kv, layer_index)
+                x, new_kv = one_layer(x, layer_params, layer_index, kv)
                 if cache_kv is not None:
                     cache_kv = new_kv
                 return (x, cache_kv), (x if return_hidden_states else None)
 
-            (x, cache_kv), per_layer = jax.lax.scan(body, (x, cache_kv), (stacked, jnp.arange(cfg.num_layers)))
+            cache_kv = None if cache is None else (cache.k, cache.v)
+            (x, cache_kv), outputs = jax.lax.scan(body, (x, cache_kv), (stacked, jnp.arange(cfg.num_layers)))
             if return_hidden_states:
-                hidden = jnp.concatenate([hidden[0][None], per_layer], axis=0)
+                hidden = jnp.concatenate([hidden[0][None], outputs], axis=0)
         else:
+            if cache is not None and not cache.per_layer:
+                raise ValueError("the unrolled layer loop needs a per-layer KV cache; build it with scan_layers=False")
+            ks, vs = (None, None) if cache is None else (list(cache.k), list(cache.v))
             for i in range(cfg.num_layers):
                 layer_params = jax.tree.map(lambda a: a[i], stacked)
-                x, new_kv = one_layer(x, layer_params, i, cache_kv)
-                if cache_kv is not None:
-                    cache_kv = new_kv
+                x, new_kv = one_layer(x, layer_params, i, None if cache is None else (ks[i], vs[i], None))
+                if cache is not None:
+                    ks[i], vs[i] = new_kv
                 if return_hidden_states:
                     hidden.append(x)
             if return_hidden_states:
                 hidden = jnp.stack(hidden)
+            cache_kv = None if cache is None else (tuple(ks), tuple(vs))
         new_cache = None if cache is None else KVCache(cache_kv[0], cache_kv[1], cache.mask, cache.index)
         return x, new_cache, hidden
 

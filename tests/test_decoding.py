@@ -2,6 +2,8 @@
 generate, sampling statistics, reproducibility and per-row stopping."""
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -191,3 +193,42 @@ def test_block_sum_draw_equals_the_full_inverse_cdf():
     full = jax.vmap(lambda u: _inverse_cdf(u, logits))(us)
     np.testing.assert_array_equal(ours, full)
     assert not np.any((np.asarray(ours) >= 500) & (np.asarray(ours) < 700))
+
+
+def _computations(hlo: str) -> dict:
+    """{name: body text} of every computation in an HLO module's text."""
+    return {m.group(1): m.group(2) for m in re.finditer(r"^(?:ENTRY )?%?([\w.\-]+) \(.*?\{\n(.*?)^\}", hlo, re.S | re.M)}
+
+
+def _elements(shape: str) -> int:
+    return int(np.prod([int(n) for n in shape.split(",") if n])) if shape else 1
+
+
+def test_decode_loop_writes_and_reads_the_kv_cache_in_place():
+    """No copy of a layer's keys or values per generated token: inside the compiled loop, every array
+    the size of a layer's cache buffer is a loop-carried buffer or an in-place slot write. (Reading a
+    layer out of stacked buffers copied it at every step on CPU; buffers that XLA could not update in
+    place were copied whole.)"""
+    lm = _toy_lm()
+    cfg = lm.config
+    prompts, mask = decoding.left_pad([[1, 2, 3], [4, 5], [6]])
+    steps = 7
+    settings = decoding.Settings(jnp.float32(0.7), jnp.float32(0.9), jnp.float32(1.2), jnp.asarray([-1], jnp.int32))
+    hlo = decoding._generate_jit.on("cpu").lower(
+        lm._graphdef, lm._state, jnp.asarray(prompts), jnp.asarray(mask), jnp.full((3,), steps, jnp.int32),
+        jax.random.key(0), settings, max_new_tokens=steps, greedy=False, top_k=0,
+        per_layer_weights=True).compile().as_text()
+    computations = _computations(hlo)
+    bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
+    loop = max(bodies, key=lambda name: computations[name].count(" dot("))  # the token loop, not the sampler's
+    layer_elements = 3 * cfg.num_kv_heads * (prompts.shape[1] + steps) * cfg.head_dim
+    sized = []
+    for shape, op, rest in re.findall(r"= \w+\[([\d,]*)\]\S* ([\w-]+)\((.*)", computations[loop]):
+        if _elements(shape) in (layer_elements, cfg.num_layers * layer_elements):
+            sized.append(op)
+            if op == "fusion":
+                called = computations[re.search(r"calls=%?([\w.\-]+)", rest).group(1)]
+                assert "dynamic-update-slice(" in called and "dynamic-slice(" not in called, called
+            else:
+                assert op in ("get-tuple-element", "bitcast", "parameter", "tuple"), op
+    assert sized.count("fusion") == 2 * cfg.num_layers  # each layer writes its keys and values

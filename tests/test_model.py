@@ -216,10 +216,24 @@ def test_padded_vocabulary_rows_never_win():
 
 
 def test_cache_zeros_shapes():
-    config = lima_jax.preset("tiny")
+    config = lima_jax.preset("tiny").replace(scan_layers=True)
     cache = KVCache.zeros(config, batch=2, max_len=10)
-    assert cache.k.shape == (config.num_layers, 2, 10, config.num_kv_heads, config.head_dim)
+    assert cache.k.shape == (config.num_layers, 2, 10, config.num_kv_heads, config.head_dim) and not cache.per_layer
     assert not bool(cache.mask.any()) and int(cache.index) == 0
+    # The unrolled loop's cache: a buffer per layer, heads first.
+    per_layer = KVCache.zeros(config.replace(scan_layers=False), batch=2, max_len=10)
+    assert per_layer.per_layer and len(per_layer.k) == len(per_layer.v) == config.num_layers
+    assert {a.shape for a in per_layer.k + per_layer.v} == {(2, config.num_kv_heads, 10, config.head_dim)}
+
+
+def test_cache_layout_must_match_the_layer_loop():
+    config, model = _random_model(scan_layers=True, num_layers=2)
+    tokens = jnp.asarray(_tokens(1, 4, vocab=config.vocab_size))
+    with pytest.raises(ValueError, match="stacked KV cache"):
+        model(tokens, cache=KVCache.zeros(config.replace(scan_layers=False), 1, 8))
+    config, model = _random_model(scan_layers=False, num_layers=2)
+    with pytest.raises(ValueError, match="per-layer KV cache"):
+        model(tokens, cache=KVCache.zeros(config.replace(scan_layers=True), 1, 8))
 
 
 def test_model_is_nnx_module_with_logical_names():
