@@ -47,7 +47,7 @@ class KVCache(NamedTuple):
     k and v come in one of two layouts, chosen by `zeros` from config.scan_layers:
     - stacked, for the scanned layer loop: one array [layers, batch, max_len, kv_heads, head_dim];
     - per layer, for the unrolled loop: a tuple of arrays [batch, kv_heads, max_len, head_dim]. XLA:CPU
-      copies a layer's slice out of stacked buffers at every read (~15% of a 58M decode step at batch
+      copies a layer's slice out of stacked buffers at every read (15-25% of a 58M decode step at batch
       8); separate buffers are written in place and read where they lie, heads first so that each
       attention product is a plain batched matmul."""
     k: jax.Array | tuple[jax.Array, ...]
