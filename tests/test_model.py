@@ -215,6 +215,20 @@ def test_padded_vocabulary_rows_never_win():
     assert logits[..., :500].argmax(-1).max() < 500
 
 
+def test_rope_cos_and_sin_are_computed_once_per_step():
+    """The cos/sin table is computed once, not fused into every layer's RoPE, forward and backward,
+    where XLA evaluated it again for every element and head."""
+    config, model = _random_model(scan_layers=False, num_layers=3)
+    graphdef, params = nnx.split(model)
+    tokens = jnp.asarray(_tokens(2, 16, vocab=config.vocab_size))
+
+    def loss(params):
+        return jnp.sum(nnx.merge(graphdef, params)(tokens).logits)
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    assert hlo.count(" cosine(") == 1 and hlo.count(" sine(") == 1
+
+
 def test_cache_zeros_shapes():
     config = lima_jax.preset("tiny").replace(scan_layers=True)
     cache = KVCache.zeros(config, batch=2, max_len=10)
