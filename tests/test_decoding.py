@@ -232,3 +232,11 @@ def test_decode_loop_writes_and_reads_the_kv_cache_in_place():
             else:
                 assert op in ("get-tuple-element", "bitcast", "parameter", "tuple"), op
     assert sized.count("fusion") == 2 * cfg.num_layers  # each layer writes its keys and values
+    # The RoPE table depends on the cache length only: computed before the loop, not at every token.
+    inside, todo = set(), [loop]
+    while todo:
+        name = todo.pop()
+        if name not in inside:
+            inside.add(name)
+            todo += re.findall(r"calls=%?([\w.\-]+)", computations[name])
+    assert not any(" cosine(" in computations[name] or " sine(" in computations[name] for name in inside)
