@@ -167,12 +167,16 @@ def abstract_batch(global_batch: int, max_len: int, mesh: Mesh, rules) -> dict:
 
 # ---- loss and step ----------------------------------------------------------------------------
 def token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array):
-    """(sum of weighted cross-entropy, sum of weighted correct argmax, sum of weights) over the batch.
-    The step divides by the global weight sum: the mean over assistant tokens (and their EOT)."""
+    """(sum of weighted cross-entropy, sum of weighted correct predictions, sum of weights) over the
+    batch. The step divides by the global weight sum: the mean over assistant tokens (and their EOT).
+
+    A prediction is correct when the target's logit is the largest (argmax == target, save exact
+    ties): compared with the row maximum that logsumexp computes anyway, instead of an argmax, a
+    separate pass over the [batch, length, vocab] logits (2-3% of a 58M CPU train step in A/B)."""
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
     return jnp.sum((log_z - target_logit) * weights), jnp.sum(correct * weights), jnp.sum(weights)
 
 

@@ -148,6 +148,15 @@ def test_token_loss_is_masked_mean():
     assert float(correct) == 1.0 and float(weight) == 1.0
 
 
+def test_token_loss_counts_argmax_hits_as_correct():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 6, 11)).astype(np.float32)
+    targets = rng.integers(0, 11, (3, 6))
+    targets[:, ::2] = logits.argmax(-1)[:, ::2]  # half the positions are hits
+    weights = rng.integers(0, 2, (3, 6)).astype(np.float32)
+    _, correct, _ = train.token_loss(logits, targets, weights)
+    assert float(correct) == float(np.sum((logits.argmax(-1) == targets) * weights)) > 0
+
 # ---- a run, its outputs, its resume -------------------------------------------------------------
 def test_run_trains_checkpoints_per_epoch_and_saves_operative_config(run_1dev):
     steps = train.list_checkpoint_steps(run_1dev)
