@@ -3,7 +3,7 @@
 The 58M config (hidden 512, 8 layers, 8 heads, FFN 1376, vocab 32000), batch 4 × 512, float32 on CPU,
 random weights on each side; plus MFU of each against a float32 matmul peak measured here (XLA 2048³
 matmul). Run by hand, on an idle machine:
-    JAX_PLATFORMS=cpu python tools/bench_train.py [--steps 6] [--json out.json]
+    JAX_PLATFORMS=cpu python tools/bench_train.py [--steps 10] [--json out.json]
 Our step is the very one lima-train runs (`train.build_train_step`, with lima-train's CPU settings from
 cpu_tuning.py), on a 1-device mesh. The two sides' steps alternate; speedup_vs_torch compares their
 medians, speedup_paired_median is the median over neighbouring (ours, torch) steps of their ratio,
