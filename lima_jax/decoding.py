@@ -345,10 +345,35 @@ def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greed
              seed: int = 0, stop_ids: Optional[Sequence[int]] = None) -> Generation:
     """Generates for a batch of token-id prompts of any lengths with a LanguageModel `lm` (its
     parameters stay where they are, e.g. sharded on lm.mesh); see LanguageModel.generate."""
-    config = lm.config
     if not prompts:
         return Generation([], [])
-    _check_settings(config, prompts, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty)
+    _check_settings(lm.config, prompts, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty)
+    program, args, static = _generate_call(lm, prompts, max_new_tokens, greedy, temperature, top_p, top_k,
+                                           repetition_penalty, seed, stop_ids)
+    if max_new_tokens == 0:
+        return Generation([[] for _ in prompts], [False] * len(prompts))
+    with lm._rules():
+        out, lengths, stopped = program(*args, **static)
+    out, lengths, stopped = np.asarray(out), np.asarray(lengths), np.asarray(stopped)
+    # Recorded tokens are contiguous from column 0: a row records every step until it finishes.
+    return Generation([out[i, : lengths[i]].tolist() for i in range(len(prompts))], stopped.tolist())
+
+
+def lower_generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greedy: bool = False,
+                   temperature: float = 0.7, top_p: float = 0.9, top_k: int = 0, repetition_penalty: float = 1.2,
+                   seed: int = 0, stop_ids: Optional[Sequence[int]] = None) -> jax.stages.Lowered:
+    """The very program `generate` runs for these arguments, lowered, not run (`.compile().as_text()`
+    shows what the decode loop compiles to)."""
+    program, args, static = _generate_call(lm, prompts, max_new_tokens, greedy, temperature, top_p, top_k,
+                                           repetition_penalty, seed, stop_ids)
+    with lm._rules():
+        return program.lower(*args, **static)
+
+
+def _generate_call(lm, prompts, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed,
+                   stop_ids):
+    """(the jitted generation program for lm's platform, its arguments, its static keywords)."""
+    config = lm.config
     stop_ids = default_stop_ids(config) if stop_ids is None else [int(s) for s in stop_ids]
     context = config.max_position_embeddings
     limit = np.array([min(max_new_tokens, context - len(p)) for p in prompts], np.int32)
@@ -358,17 +383,11 @@ def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greed
     tokens, mask = left_pad(prompts)
     settings = Settings(jnp.float32(temperature), jnp.float32(top_p), jnp.float32(repetition_penalty),
                         jnp.asarray(stop_ids + [-1], jnp.int32))
-    if max_new_tokens == 0:
-        return Generation([[] for _ in prompts], [False] * len(prompts))
     platform = lm.platform()
-    with lm._rules():
-        out, lengths, stopped = _generate_jit.on(platform)(
-            lm._graphdef, lm._state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(limit),
-            jax.random.key(seed), settings, max_new_tokens=steps, greedy=bool(greedy), top_k=int(top_k),
-            per_layer_weights=platform == "cpu")
-    out, lengths, stopped = np.asarray(out), np.asarray(lengths), np.asarray(stopped)
-    # Recorded tokens are contiguous from column 0: a row records every step until it finishes.
-    return Generation([out[i, : lengths[i]].tolist() for i in range(len(prompts))], stopped.tolist())
+    args = (lm._graphdef, lm._state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(limit),
+            jax.random.key(seed), settings)
+    static = dict(max_new_tokens=steps, greedy=bool(greedy), top_k=int(top_k), per_layer_weights=platform == "cpu")
+    return _generate_jit.on(platform), args, static
 
 
 def _check_settings(config, prompts, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty):

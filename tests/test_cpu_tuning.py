@@ -45,12 +45,7 @@ def test_train_step_and_generate_are_compiled_without_ynnpack():
     assert YNN not in ts.fn.lower(ts.abstract_state, ts.abstract_batch).compile().as_text()
 
     lm = LanguageModel(config, build_model(config))
-    tokens, mask = decoding.left_pad([[3, 4, 5]])
-    settings = decoding.Settings(jnp.float32(0.7), jnp.float32(0.9), jnp.float32(1.2), jnp.asarray([-1], jnp.int32))
-    lowered = decoding._generate_jit.on(lm.platform()).lower(
-        lm._graphdef, lm._state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray([4], jnp.int32),
-        jax.random.key(0), settings, max_new_tokens=4, greedy=False, top_k=0, per_layer_weights=True)
-    assert YNN not in lowered.compile().as_text()
+    assert YNN not in decoding.lower_generate(lm, [[3, 4, 5]], 4).compile().as_text()
 
 
 # Runs a program with a 128 MB temporary 16 times in a fresh process and prints the fewest MiB of pages

@@ -211,17 +211,13 @@ def test_decode_loop_writes_and_reads_the_kv_cache_in_place():
     place were copied whole.)"""
     lm = _toy_lm()
     cfg = lm.config
-    prompts, mask = decoding.left_pad([[1, 2, 3], [4, 5], [6]])
+    prompts = [[1, 2, 3], [4, 5], [6]]
     steps = 7
-    settings = decoding.Settings(jnp.float32(0.7), jnp.float32(0.9), jnp.float32(1.2), jnp.asarray([-1], jnp.int32))
-    hlo = decoding._generate_jit.on("cpu").lower(
-        lm._graphdef, lm._state, jnp.asarray(prompts), jnp.asarray(mask), jnp.full((3,), steps, jnp.int32),
-        jax.random.key(0), settings, max_new_tokens=steps, greedy=False, top_k=0,
-        per_layer_weights=True).compile().as_text()
+    hlo = decoding.lower_generate(lm, prompts, steps).compile().as_text()
     computations = _computations(hlo)
     bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
     loop = max(bodies, key=lambda name: computations[name].count(" dot("))  # the token loop, not the sampler's
-    layer_elements = 3 * cfg.num_kv_heads * (prompts.shape[1] + steps) * cfg.head_dim
+    layer_elements = 3 * cfg.num_kv_heads * (decoding.left_pad(prompts)[0].shape[1] + steps) * cfg.head_dim
     sized = []
     for shape, op, rest in re.findall(r"= \w+\[([\d,]*)\]\S* ([\w-]+)\((.*)", computations[loop]):
         if _elements(shape) in (layer_elements, cfg.num_layers * layer_elements):

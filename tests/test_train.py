@@ -157,6 +157,7 @@ def test_token_loss_counts_argmax_hits_as_correct():
     _, correct, _ = train.token_loss(logits, targets, weights)
     assert float(correct) == float(np.sum((logits.argmax(-1) == targets) * weights)) > 0
 
+
 # ---- a run, its outputs, its resume -------------------------------------------------------------
 def test_run_trains_checkpoints_per_epoch_and_saves_operative_config(run_1dev):
     steps = train.list_checkpoint_steps(run_1dev)
