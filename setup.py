@@ -25,6 +25,7 @@ setup(
         "etils==1.15.0",
         "gin-config==0.5.0",
         "safetensors==0.8.0",
+        "scipy-openblas32==0.3.34.481.3",  # sgemm for one-device CPU training (lima_jax/cpu_gemm.py)
         "tqdm==4.70.1",
         "numpy==2.4.6",
         "matplotlib==3.11.2",

@@ -35,7 +35,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lima_jax import checkpoint, cpu_tuning, mesh as mesh_lib, sharding
+from lima_jax import checkpoint, cpu_gemm, cpu_tuning, mesh as mesh_lib, sharding
 from lima_jax.atomic import atomic_write_text
 from lima_jax.config import LlamaConfig, preset as config_preset
 from lima_jax.model import Llama
@@ -208,6 +208,7 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
     b_shard = batch_sharding(mesh, rules)
     graphdef, _ = _abstract_model(config)
     accum = r.grad_accum_steps
+    blas = cpu_gemm.usable_on(mesh)
 
     def loss_fn(params, micro, key):
         model = nnx.merge(graphdef, params)
@@ -217,7 +218,7 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
         return loss_sum, (correct, weight)
 
     def step(state: TrainState, batch: dict):
-        with sharding.use_rules(mesh, rules, fsdp_axes):
+        with sharding.use_rules(mesh, rules, fsdp_axes), cpu_gemm.enabled(blas):
             step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
             # Microbatch j takes rows j, j + accum, ...: each device keeps its own rows (no reshuffle).
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
