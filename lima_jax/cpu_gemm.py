@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional
 
 import jax
@@ -39,6 +40,7 @@ _TARGET = "lima_jax_sgemm_batch_strided"
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
 _tracing = threading.local()
 _registered: list = []  # the library and the ctypes callback, alive as long as XLA may call them
+_registering = threading.Lock()
 
 
 def available() -> bool:
@@ -79,10 +81,10 @@ def batched_matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, tra
     transpose where asked: [batch, m, n]. With `accumulate` [batch, R ≥ m, n], returns it with the
     product added to its first m rows. blas: one OpenBLAS custom call if the operands are float32
     (only for one-device CPU programs, see `usable_on`); otherwise XLA's dot."""
-    bp = b if b_rows is None else b[:, :b_rows]
     if blas and a.dtype == b.dtype == jnp.float32 and (
             accumulate is None or accumulate.dtype == jnp.float32):
-        return _sgemm_batch(a, b, transpose_a, transpose_b, bp.shape[1], accumulate)
+        return _sgemm_batch(a, b, transpose_a, transpose_b, b.shape[1] if b_rows is None else b_rows, accumulate)
+    bp = b if b_rows is None else b[:, :b_rows]
     out = jnp.matmul(a.swapaxes(1, 2) if transpose_a else a, bp.swapaxes(1, 2) if transpose_b else bp,
                      preferred_element_type=preferred_element_type)
     if accumulate is None:
@@ -119,42 +121,29 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 class _Workers:
-    """Runs a call's pieces on the calling thread and count-1 helper threads that sleep between calls
+    """Runs a call's pieces on the calling thread and count-1 pool threads, which sleep between calls
     (OpenBLAS's own threads would spin). One call at a time: XLA may issue two custom calls at once."""
 
     def __init__(self, count: int):
         self.count = count
         self._lock = threading.Lock()
-        self._helpers = []
-        for _ in range(count - 1):
-            helper = {"go": threading.Event(), "done": threading.Event(), "job": None}
-            threading.Thread(target=self._serve, args=(helper,), daemon=True, name="lima-sgemm").start()
-            self._helpers.append(helper)
-
-    @staticmethod
-    def _serve(helper):
-        while True:
-            helper["go"].wait()
-            helper["go"].clear()
-            fn, args = helper["job"]
-            fn(*args)
-            helper["done"].set()
+        self._pool = ThreadPoolExecutor(count - 1, thread_name_prefix="lima-sgemm") if count > 1 else None
 
     def run(self, fn, jobs):
         with self._lock:
-            helpers = self._helpers[:len(jobs) - 1]
-            for helper, args in zip(helpers, jobs[1:]):
-                helper["job"] = (fn, args)
-                helper["go"].set()
+            pending = [self._pool.submit(fn, *args) for args in jobs[1:]]
             fn(*jobs[0])
-            for helper in helpers:
-                helper["done"].wait()
-                helper["done"].clear()
+            for future in pending:
+                future.result()
 
 
 def _register() -> None:
-    if _registered:
-        return
+    with _registering:
+        if not _registered:
+            _registered.extend(_load_and_register())
+
+
+def _load_and_register() -> tuple:
     import scipy_openblas32
 
     lib = ctypes.CDLL(f"{scipy_openblas32.get_lib_dir()}/{scipy_openblas32.get_library(fullname=True)}")
@@ -189,4 +178,4 @@ def _register() -> None:
     capsule_new.restype, capsule_new.argtypes = ctypes.py_object, [c_void_p, ctypes.c_char_p, c_void_p]
     capsule = capsule_new(ctypes.cast(callback, c_void_p), b"xla._CUSTOM_CALL_TARGET", None)
     jax.ffi.register_ffi_target(_TARGET, capsule, platform="cpu", api_version=0)
-    _registered.extend((lib, callback))
+    return lib, callback
