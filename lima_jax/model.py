@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lima_jax import cpu_gemm
 from lima_jax.attention import causal_attention
 from lima_jax.config import LlamaConfig
 from lima_jax.sharding import constrain, gather_layer_params
@@ -323,14 +324,14 @@ class Llama(nnx.Module):
         return ModelOutput(logits, new_cache, hidden)
 
     def _lm_head(self, x: jax.Array) -> jax.Array:
-        """[B, T, E] → float32 logits [B, T, V], as one 2-D matmul over the B·T rows."""
+        """[B, T, E] → float32 logits [B, T, V], as one 2-D matmul over the B·T rows. In one-device CPU
+        training (cpu_gemm.enabled) the product and its gradients run through OpenBLAS: ~10% faster
+        than XLA's for this wide shape (measured forward + backward), unlike the layers' products."""
         b, t, e = x.shape
         x = x.reshape(b * t, e)
-        if self.config.tie_word_embeddings:  # contract with the table's embed axis; no transposed copy
-            head = self.embed[...].astype(x.dtype)
-            logits = jax.lax.dot_general(x, head, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.dot(x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        tied = self.config.tie_word_embeddings  # contract with the table's embed axis; no transposed copy
+        head = (self.embed if tied else self.lm_head)[...].astype(x.dtype)
+        logits = cpu_gemm.matmul(x, head, transpose_w=tied, blas=cpu_gemm.is_enabled())
         return logits.reshape(b, t, -1)
 
     def _run_layers(self, x, cos, sin, mask, dropout_key, cache, cache_index, return_hidden_states):

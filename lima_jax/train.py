@@ -210,12 +210,14 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
     accum = r.grad_accum_steps
     blas = cpu_gemm.usable_on(mesh)
 
-    def loss_fn(params, micro, key):
+    def loss_fn(params, micro, key, denom):
+        """(this microbatch's share of the step's mean loss, (correct, weight)): divided by the whole
+        step's weight here, so the gradients come out as the mean's, with no pass over them after."""
         model = nnx.merge(graphdef, params)
         logits = model(micro["decoder_input_tokens"], dropout_key=key).logits
         loss_sum, correct, weight = token_loss(logits, micro["decoder_target_tokens"],
                                                micro["decoder_loss_weights"])
-        return loss_sum, (correct, weight)
+        return loss_sum / denom, (correct, weight)
 
     def step(state: TrainState, batch: dict):
         with sharding.use_rules(mesh, rules, fsdp_axes), cpu_gemm.enabled(blas):
@@ -223,11 +225,13 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
             # Microbatch j takes rows j, j + accum, ...: each device keeps its own rows (no reshuffle).
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
                                  batch)
+            denom = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
 
             def micro_grads(j, mb):
-                """((loss sum, (correct, weight)), grads) of microbatch j."""
+                """((loss share, (correct, weight)), grads) of microbatch j."""
                 mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, b_shard), mb)
-                return jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb, jax.random.fold_in(step_key, j))
+                return jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb, jax.random.fold_in(step_key, j),
+                                                                  denom)
 
             def accumulate(carry, xs):
                 grads, loss_sum, correct, weight = carry
@@ -243,11 +247,9 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
                 zero = jnp.zeros((), jnp.float32)
                 (grads, loss_sum, correct, weight), _ = jax.lax.scan(
                     accumulate, (zeros, zero, zero, zero), (jnp.arange(accum), micro))
-            denom = jnp.maximum(weight, 1.0)
-            grads = jax.tree.map(lambda g: g / denom, grads)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            metrics = {"loss": loss_sum / denom, "accuracy": correct / denom, "grad_norm": optax.tree.norm(grads),
+            metrics = {"loss": loss_sum, "accuracy": correct / denom, "grad_norm": optax.tree.norm(grads),
                        "lr": schedule(state.step), "loss_tokens": weight}
             return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 

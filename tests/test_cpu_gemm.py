@@ -56,6 +56,27 @@ def test_mismatched_shapes_are_refused():
         cpu_gemm.batched_matmul(a, a, blas=True)
 
 
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_matmul_through_openblas_matches_xla_values_and_gradients(transpose_w):
+    """The LM head's product: x @ w (or x @ wᵀ, tied embeddings) and both gradients."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((10, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((9, 6) if transpose_w else (6, 9)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((10, 9)), jnp.float32)
+
+    def make(blas):
+        return jax.value_and_grad(lambda x, w: jnp.sum(cpu_gemm.matmul(x, w, transpose_w=transpose_w, blas=blas) * g),
+                                  argnums=(0, 1))
+
+    assert _custom_calls(lambda x, w: cpu_gemm.matmul(x, w, transpose_w=transpose_w, blas=True), x, w) == 1
+    assert _custom_calls(make(True), x, w) == 3  # the product, then the gradients of x and of w
+    assert _custom_calls(make(False), x, w) == 0
+    for got, expected in zip(jax.tree.leaves(jax.jit(make(True))(x, w)), jax.tree.leaves(jax.jit(make(False))(x, w))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    bf16 = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    assert _custom_calls(make(True), *bf16) == 0  # not float32: XLA's dot and autodiff
+
+
 def test_attention_through_openblas_matches_xla_values_and_gradients():
     """Grouped heads, a partial last block and left padding: the custom-call attention (forward and
     hand-written backward) equals the XLA one."""
@@ -87,7 +108,7 @@ def test_only_one_device_cpu_meshes_use_openblas():
     assert not cpu_gemm.usable_on(types.SimpleNamespace(devices=np.array([tpu], dtype=object)))
 
 
-def test_train_step_on_one_cpu_device_runs_attention_through_openblas():
+def test_train_step_on_one_cpu_device_runs_attention_and_head_through_openblas():
     from lima_jax import mesh as mesh_lib, sharding, train
     from lima_jax.config import LlamaConfig
 
@@ -96,4 +117,6 @@ def test_train_step_on_one_cpu_device_runs_attention_through_openblas():
     recipe = train.Recipe(1, 2, 16, 1e-5, 1e-6, 0, 0.9, 0.95, 0.1, 1, 0)
     mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     ts = train.build_train_step(config, recipe, mesh, sharding.DEFAULT_RULES, ())
-    assert TARGET in ts.fn.lower(ts.abstract_state, ts.abstract_batch).as_text()
+    compiled = ts.fn.lower(ts.abstract_state, ts.abstract_batch).compile().as_text()
+    # The layers are one scanned body: one attention block, 2 products forward, 5 backward; the LM head 3.
+    assert config.scan_layers and compiled.count(f'custom_call_target="{TARGET[1:]}"') == 7 + 3
