@@ -168,7 +168,7 @@ def abstract_batch(global_batch: int, max_len: int, mesh: Mesh, rules) -> dict:
 # ---- loss and step ----------------------------------------------------------------------------
 def token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array):
     """(sum of weighted cross-entropy, sum of weighted correct predictions, sum of weights) over the
-    batch. The step divides by the global weight sum: the mean over assistant tokens (and their EOT).
+    batch. The step divides by the whole step's weight sum: the mean over assistant tokens (and EOT).
 
     A prediction is correct when the target's logit is the largest (argmax == target, save exact
     ties): compared with the row maximum that logsumexp computes anyway, instead of an argmax, a
@@ -234,22 +234,22 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
                                                                   denom)
 
             def accumulate(carry, xs):
-                grads, loss_sum, correct, weight = carry
+                grads, loss, correct, weight = carry
                 (l, (c, w)), g = micro_grads(*xs)
                 grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
                 grads = jax.lax.with_sharding_constraint(grads, shards.params)
-                return (grads, loss_sum + l, correct + c, weight + w), None
+                return (grads, loss + l, correct + c, weight + w), None
 
             if accum == 1:  # no zero-filled accumulator to write and add to (a pass over all params)
-                (loss_sum, (correct, weight)), grads = micro_grads(0, jax.tree.map(lambda x: x[0], micro))
+                (loss, (correct, weight)), grads = micro_grads(0, jax.tree.map(lambda x: x[0], micro))
             else:
                 zeros = jax.tree.map(jnp.zeros_like, state.params)
                 zero = jnp.zeros((), jnp.float32)
-                (grads, loss_sum, correct, weight), _ = jax.lax.scan(
+                (grads, loss, correct, weight), _ = jax.lax.scan(
                     accumulate, (zeros, zero, zero, zero), (jnp.arange(accum), micro))
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            metrics = {"loss": loss_sum, "accuracy": correct / denom, "grad_norm": optax.tree.norm(grads),
+            metrics = {"loss": loss, "accuracy": correct / denom, "grad_norm": optax.tree.norm(grads),
                        "lr": schedule(state.step), "loss_tokens": weight}
             return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
