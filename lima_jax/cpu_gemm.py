@@ -30,8 +30,8 @@ custom VJP), so JAX's caches of traced functions keep the two apart.
 from __future__ import annotations
 
 import contextlib
-import functools
 import ctypes
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
