@@ -211,13 +211,12 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
     blas = cpu_gemm.usable_on(mesh)
 
     def loss_fn(params, micro, key, denom):
-        """(this microbatch's share of the step's mean loss, (correct, weight)): divided by the whole
-        step's weight here, so the gradients come out as the mean's, with no pass over them after."""
+        """(this microbatch's share of the step's mean loss, its correct predictions): divided by the
+        whole step's weight here, so the gradients come out as the mean's, with no pass over them after."""
         model = nnx.merge(graphdef, params)
         logits = model(micro["decoder_input_tokens"], dropout_key=key).logits
-        loss_sum, correct, weight = token_loss(logits, micro["decoder_target_tokens"],
-                                               micro["decoder_loss_weights"])
-        return loss_sum / denom, (correct, weight)
+        loss_sum, correct, _ = token_loss(logits, micro["decoder_target_tokens"], micro["decoder_loss_weights"])
+        return loss_sum / denom, correct
 
     def step(state: TrainState, batch: dict):
         with sharding.use_rules(mesh, rules, fsdp_axes), cpu_gemm.enabled(blas):
@@ -225,28 +224,28 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
             # Microbatch j takes rows j, j + accum, ...: each device keeps its own rows (no reshuffle).
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
                                  batch)
-            denom = jnp.maximum(jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32)), 1.0)
+            weight = jnp.sum(batch["decoder_loss_weights"].astype(jnp.float32))
+            denom = jnp.maximum(weight, 1.0)
 
             def micro_grads(j, mb):
-                """((loss share, (correct, weight)), grads) of microbatch j."""
+                """((loss share, correct), grads) of microbatch j."""
                 mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, b_shard), mb)
                 return jax.value_and_grad(loss_fn, has_aux=True)(state.params, mb, jax.random.fold_in(step_key, j),
                                                                   denom)
 
             def accumulate(carry, xs):
-                grads, loss, correct, weight = carry
-                (l, (c, w)), g = micro_grads(*xs)
+                grads, loss, correct = carry
+                (l, c), g = micro_grads(*xs)
                 grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
                 grads = jax.lax.with_sharding_constraint(grads, shards.params)
-                return (grads, loss + l, correct + c, weight + w), None
+                return (grads, loss + l, correct + c), None
 
             if accum == 1:  # no zero-filled accumulator to write and add to (a pass over all params)
-                (loss, (correct, weight)), grads = micro_grads(0, jax.tree.map(lambda x: x[0], micro))
+                (loss, correct), grads = micro_grads(0, jax.tree.map(lambda x: x[0], micro))
             else:
                 zeros = jax.tree.map(jnp.zeros_like, state.params)
                 zero = jnp.zeros((), jnp.float32)
-                (grads, loss, correct, weight), _ = jax.lax.scan(
-                    accumulate, (zeros, zero, zero, zero), (jnp.arange(accum), micro))
+                (grads, loss, correct), _ = jax.lax.scan(accumulate, (zeros, zero, zero), (jnp.arange(accum), micro))
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             metrics = {"loss": loss, "accuracy": correct / denom, "grad_norm": optax.tree.norm(grads),
