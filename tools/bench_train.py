@@ -3,11 +3,13 @@
 The 58M config (hidden 512, 8 layers, 8 heads, FFN 1376, vocab 32000), batch 4 × 512, float32 on CPU,
 random weights on each side; plus MFU of each against a float32 matmul peak measured here (XLA 2048³
 matmul). Run by hand, on an idle machine:
-    JAX_PLATFORMS=cpu python tools/bench_train.py [--steps 10] [--json out.json]
+    JAX_PLATFORMS=cpu python tools/bench_train.py [--steps 20] [--json out.json]
 Our step is the very one lima-train runs (`train.build_train_step`, with lima-train's CPU settings from
 cpu_tuning.py), on a 1-device mesh. The two sides' steps alternate; speedup_vs_torch compares their
-medians, speedup_paired_median is the median over neighbouring (ours, torch) steps of their ratio,
-which a slow spell of this shared VM hits on both sides alike.
+medians, with a bootstrap 95% interval over (ours, torch) pairs and a verdict on the ≥ 1× goal
+that says "undecided" when the interval straddles it; speedup_paired_median is the median over
+neighbouring (ours, torch) steps of their ratio, which a slow spell of this shared VM hits on both
+sides alike.
 """
 from __future__ import annotations
 
@@ -112,9 +114,28 @@ def paired_speedup(ours_s: list, theirs_s: list) -> float:
     return float(np.median(ratios))
 
 
+def speedup_interval(ours_s: list, theirs_s: list, level: float = 0.95, resamples: int = 2000) -> tuple:
+    """A bootstrap interval for the ratio of medians (torch / ours): steps are resampled in
+    (ours, torch) pairs, the neighbours that ran under the same background load."""
+    ours, theirs = np.asarray(ours_s), np.asarray(theirs_s)
+    rows = np.random.default_rng(0).integers(0, len(ours), size=(resamples, len(ours)))
+    ratios = np.median(theirs[rows], axis=1) / np.median(ours[rows], axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1 - tail))
+
+
+def verdict(interval: tuple, goal: float = 1.0) -> str:
+    low, high = interval
+    if low >= goal:
+        return f"met: the whole 95% interval is at or above {goal}x"
+    if high < goal:
+        return f"not met: the whole 95% interval is below {goal}x"
+    return f"undecided: the 95% interval straddles {goal}x (this VM's noise exceeds the difference)"
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side, alternating (medians compared)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per side, alternating (medians compared)")
     parser.add_argument("--remat", default="none", help="our remat policy (none, full, dots, ...)")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args(argv)
@@ -131,17 +152,19 @@ def main(argv=None) -> dict:
         theirs_s.append(_timed(theirs))
     tokens = BATCH * SEQ
     ours_med, theirs_med = float(np.median(ours_s)), float(np.median(theirs_s))
+    interval = speedup_interval(ours_s, theirs_s)
     result = {
         "config": CONFIG, "batch": BATCH, "seq_len": SEQ, "matmul_peak_gflops": peak / 1e9,
         "ours_tokens_per_s": tokens / ours_med, "torch_tokens_per_s": tokens / theirs_med,
-        "speedup_vs_torch": theirs_med / ours_med, "speedup_paired_median": paired_speedup(ours_s, theirs_s),
+        "speedup_vs_torch": theirs_med / ours_med, "speedup_ci95": interval,
+        "goal_1x": verdict(interval), "speedup_paired_median": paired_speedup(ours_s, theirs_s),
         "speedup_best_vs_best": min(theirs_s) / min(ours_s),
         "ours_mfu": flops / ours_med / peak, "torch_mfu": flops / theirs_med / peak,
         "ours_step_s": ours_s, "torch_step_s": theirs_s, "ours_compile_s": compile_s,
         "torch_threads": threads, "remat": args.remat, "scan_layers": scan, "load_average": os.getloadavg()[0],
     }
     for k, v in result.items():
-        if isinstance(v, list):
+        if isinstance(v, (list, tuple)):
             v = " ".join(f"{x:.3f}" for x in v)
         print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
     if args.json:
