@@ -371,8 +371,7 @@ class Llama(nnx.Module):
             if cache is not None and not cache.per_layer:
                 raise ValueError("the unrolled layer loop needs a per-layer KV cache; build it with scan_layers=False")
             ks, vs = (None, None) if cache is None else (list(cache.k), list(cache.v))
-            for i in range(cfg.num_layers):
-                layer_params = jax.tree.map(lambda a: a[i], stacked)
+            for i, layer_params in enumerate(_unstack_layers(stacked, cfg.num_layers)):
                 x, new_kv = one_layer(x, layer_params, i, None if cache is None else (ks[i], vs[i], None))
                 if cache is not None:
                     ks[i], vs[i] = new_kv
@@ -386,6 +385,15 @@ class Llama(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.zeros(self.config, batch, max_len)
+
+
+def _unstack_layers(stacked, num_layers: int) -> list:
+    """The stacked layer parameters as one tree per layer, through one split per parameter: its
+    gradient is one concatenation of the layers' gradients. Indexing each layer (`a[i]`) instead made
+    each layer's gradient a zero-padded copy of the whole stack, which the optimizer then summed."""
+    leaves, treedef = jax.tree.flatten(stacked)
+    parts = [jnp.split(a, num_layers, axis=0) for a in leaves]
+    return [treedef.unflatten([jnp.squeeze(p[i], 0) for p in parts]) for i in range(num_layers)]
 
 
 def param_logical_names(model: nnx.Module) -> dict:

@@ -105,6 +105,27 @@ def test_scanned_and_unrolled_stacks_agree():
     assert np.abs(np.asarray(scanned(tokens, dropout_key=key).logits - scanned(tokens).logits)).max() > 1e-3
 
 
+def test_unrolled_layers_take_their_gradient_as_one_concatenation():
+    """Per-layer trees equal the stacked slices, and the stack's gradient is concatenated from the
+    layers' gradients, not summed from zero-padded copies of the whole stack (as indexing gave)."""
+    from lima_jax import cpu_tuning
+    from lima_jax.model import _unstack_layers
+
+    stacked = {"w": jnp.asarray(_tokens(4, 64 * 64, vocab=7).reshape(4, 64, 64) / 7.0, jnp.float32),
+               "s": jnp.ones((4, 64), jnp.float32)}
+    layers = _unstack_layers(stacked, 4)
+    assert all(np.array_equal(layers[i]["w"], stacked["w"][i]) for i in range(4))
+
+    def loss(st):
+        x = jnp.ones((8, 64))
+        for layer in _unstack_layers(st, 4):
+            x = jnp.tanh(x @ layer["w"] * layer["s"])
+        return jnp.sum(x)
+
+    hlo = jax.jit(jax.grad(loss), compiler_options=cpu_tuning.compiler_options("cpu")).lower(stacked).compile().as_text()
+    assert " pad(" not in hlo and " concatenate(" in hlo
+
+
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_kv_cache_prefill_and_steps_equal_full_forward(scan_layers):
     config, model = _random_model(scan_layers=scan_layers, num_layers=2)
