@@ -126,37 +126,6 @@ def test_unrolled_layers_take_their_gradient_as_one_concatenation():
     assert " pad(" not in hlo and " concatenate(" in hlo
 
 
-def test_rmsnorm_scale_gradient_in_runs_of_32_on_one_cpu():
-    """Under cpu_gemm.enabled (one-device CPU training), RMSNorm's scale gradient is summed over 32
-    rows at a time: the same gradients as autodiff's, without XLA:CPU's slow multi-dimensional
-    reduce-window."""
-    import re
-
-    from lima_jax import cpu_gemm, cpu_tuning
-    from lima_jax.config import preset
-    from lima_jax.model import RMSNorm
-
-    rng = np.random.default_rng(0)
-    x, g = (jnp.asarray(rng.standard_normal((4, 64, 48)), jnp.float32) for _ in range(2))
-    scale = jnp.asarray(rng.uniform(0.5, 1.5, 48), jnp.float32)
-
-    def grads(one_cpu):
-        def loss(x, scale):
-            with cpu_gemm.enabled(one_cpu):
-                norm = RMSNorm(preset("tiny").replace(hidden_size=48))
-                norm.scale[...] = scale
-                return jnp.sum(norm(x) * g)
-        fn = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=cpu_tuning.compiler_options("cpu"))
-        windows = re.findall(r"reduce-window\(.*window=\{size=(\S+?)[ ,}]", fn.lower(x, scale).compile().as_text())
-        return fn(x, scale), [w for w in windows if sum(d != "1" for d in w.split("x")) > 1]
-
-    (dx, dscale), slow = grads(False)
-    (dx_fast, dscale_fast), slow_fast = grads(True)
-    np.testing.assert_allclose(dx_fast, dx, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(dscale_fast, dscale, rtol=1e-5)
-    assert slow and not slow_fast
-
-
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_kv_cache_prefill_and_steps_equal_full_forward(scan_layers):
     config, model = _random_model(scan_layers=scan_layers, num_layers=2)
