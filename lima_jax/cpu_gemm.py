@@ -40,6 +40,8 @@ from typing import Iterator, Optional
 import jax
 import jax.numpy as jnp
 
+from lima_jax import cpu_tuning
+
 _TARGET = "lima_jax_sgemm_batch_strided"
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enums
 _tracing = threading.local()
@@ -58,7 +60,7 @@ def available() -> bool:
 
 def usable_on(mesh) -> bool:
     """Whether a program over `mesh` should use OpenBLAS: one CPU device, OpenBLAS present."""
-    return mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu" and available()
+    return cpu_tuning.one_cpu_device(mesh) and available()
 
 
 @contextlib.contextmanager

@@ -34,6 +34,12 @@ def compiler_options(platform: Optional[str] = None) -> Optional[dict]:
     return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else None
 
 
+def one_cpu_device(mesh) -> bool:
+    """Whether a program over `mesh` runs on a single CPU device (where lima-train's CPU-only choices
+    apply: OpenBLAS products, the grad norm's runs of 32)."""
+    return mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+
+
 class PlatformJit:
     """`jax.jit(fn, **jit_kwargs)` twice: with the CPU options for CPU arrays, plainly for the rest.
     `.on(platform)` picks one; each compiles (and caches) only when first called."""

@@ -225,7 +225,7 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
     graphdef, _ = _abstract_model(config)
     accum = r.grad_accum_steps
     blas = cpu_gemm.usable_on(mesh)
-    one_cpu = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+    one_cpu = cpu_tuning.one_cpu_device(mesh)
 
     def loss_fn(params, micro, key, denom):
         """(this microbatch's share of the step's mean loss, its correct predictions): divided by the
