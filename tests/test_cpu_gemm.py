@@ -120,3 +120,30 @@ def test_train_step_on_one_cpu_device_runs_attention_and_head_through_openblas()
     compiled = ts.fn.lower(ts.abstract_state, ts.abstract_batch).compile().as_text()
     # The layers are one scanned body: one attention block, 2 products forward, 5 backward; the LM head 3.
     assert config.scan_layers and compiled.count(f'custom_call_target="{TARGET[1:]}"') == 7 + 3
+
+
+def test_workers_share_pieces_so_a_late_helper_leaves_its_share_to_the_caller():
+    """Pieces go to whichever thread is free: while the helper is held up, the calling thread takes
+    every other piece (with a fixed half per thread it would do one and wait). Each piece runs once."""
+    import threading
+    import time
+
+    workers = cpu_gemm._Workers(2)
+    caller = threading.get_ident()
+    done_by, caller_pieces = {}, []
+    all_but_one = threading.Event()
+    deadline = time.monotonic() + 10
+
+    def piece(i):
+        if threading.get_ident() == caller:
+            caller_pieces.append(i)
+            if len(caller_pieces) == len(jobs) - 1:
+                all_but_one.set()
+        else:  # a helper held up until the caller has done all pieces but this one (at most 10 s)
+            all_but_one.wait(max(0.0, deadline - time.monotonic()))
+        done_by.setdefault(i, []).append(threading.get_ident())
+
+    jobs = [(i,) for i in range(8)]
+    workers.run(piece, jobs)
+    assert sorted(done_by) == list(range(8)) and all(len(t) == 1 for t in done_by.values())
+    assert len(caller_pieces) >= 7
