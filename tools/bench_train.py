@@ -137,9 +137,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side, alternating (medians compared)")
     parser.add_argument("--warmup", type=int, default=3,
-                        help="untimed steps per side first: our first steps after compiling still grow the "
-                             "heap (1.7-2.8 s of page faults in each of the 2nd and 3rd, measured), which a "
-                             "long run never sees again")
+                        help="untimed steps per side first: with one warm-up step, our 2nd and 3rd steps "
+                             "still spent 1.7-2.8 s each in the kernel (page faults while the heap both "
+                             "sides share grows), which a long run never sees again")
     parser.add_argument("--remat", default="none", help="our remat policy (none, full, dots, ...)")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args(argv)
