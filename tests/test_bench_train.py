@@ -26,6 +26,7 @@ def test_verdict_needs_the_whole_interval_on_one_side_of_the_goal():
     assert bench_train.verdict((1.0, 1.10)).startswith("met")
     assert bench_train.verdict((0.90, 0.99)).startswith("not met")
     assert bench_train.verdict((0.97, 1.05)).startswith("undecided")
+    assert "90% interval" in bench_train.verdict((0.97, 1.05), level=0.9)
 
 
 def test_clearly_faster_steps_are_met_and_equal_steps_undecided():

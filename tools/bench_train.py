@@ -124,13 +124,14 @@ def speedup_interval(ours_s: list, theirs_s: list, level: float = 0.95, resample
     return float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1 - tail))
 
 
-def verdict(interval: tuple, goal: float = 1.0) -> str:
+def verdict(interval: tuple, goal: float = 1.0, level: float = 0.95) -> str:
+    """Met or not met only when the whole interval (at `level`) lies on one side of the goal."""
     low, high = interval
     if low >= goal:
-        return f"met: the whole 95% interval is at or above {goal}x"
+        return f"met: the whole {level:.0%} interval is at or above {goal}x"
     if high < goal:
-        return f"not met: the whole 95% interval is below {goal}x"
-    return f"undecided: the 95% interval straddles {goal}x (this VM's noise exceeds the difference)"
+        return f"not met: the whole {level:.0%} interval is below {goal}x"
+    return f"undecided: the {level:.0%} interval straddles {goal}x (this VM's noise exceeds the difference)"
 
 
 def main(argv=None) -> dict:
