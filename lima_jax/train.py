@@ -271,7 +271,7 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
 
     replicated = NamedSharding(mesh, PartitionSpec())
     fn = jax.jit(step, in_shardings=(shards, b_shard), out_shardings=(shards, replicated), donate_argnums=0,
-                 compiler_options=cpu_tuning.compiler_options(mesh.devices.flat[0].platform))
+                 compiler_options=cpu_tuning.compiler_options(mesh.devices.flat[0].platform, training=True))
     batch = abstract_batch(r.batch_size, r.max_len, mesh, rules)
     return TrainStep(fn, abstract, batch, shards, b_shard, optimizer, schedule)
 

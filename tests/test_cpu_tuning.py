@@ -1,12 +1,15 @@
-"""cpu_tuning.py: CPU programs are compiled without YNNPACK; glibc keeps freed memory."""
+"""cpu_tuning.py: CPU programs are compiled without YNNPACK, train steps without the tree-reduction
+rewrite; glibc keeps freed memory."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from lima_jax import cpu_tuning
@@ -14,9 +17,30 @@ from lima_jax import cpu_tuning
 YNN = '"__ynn_fusion"'  # how a YNNPACK fusion is marked in compiled HLO
 
 
+def _float_reduce_windows(hlo: str) -> list:
+    """The float reduce-windows of compiled HLO: what XLA's tree-reduction rewrite makes of a sum
+    (the train step's integer cumsums of positions are reduce-windows too, of s32)."""
+    return re.findall(r"= f32\[[^=]*? reduce-window\(", hlo)
+
+
 def test_cpu_options_only_on_cpu():
     assert cpu_tuning.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert cpu_tuning.compiler_options("cpu", training=True) == {
+        "xla_cpu_experimental_ynn_fusion_type": "", "xla_disable_hlo_passes": "tree_reduction_rewriter"}
     assert cpu_tuning.compiler_options("tpu") is None
+    assert cpu_tuning.compiler_options("tpu", training=True) is None
+
+
+def test_train_options_keep_sums_plain_reduces():
+    def row_sums(x):
+        return jnp.sum(jnp.exp(x), axis=-1)
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 512)), jnp.float32)
+    plain = jax.jit(row_sums, compiler_options=cpu_tuning.compiler_options("cpu"))
+    train_options = jax.jit(row_sums, compiler_options=cpu_tuning.compiler_options("cpu", training=True))
+    assert _float_reduce_windows(plain.lower(x).compile().as_text())  # the rewrite does happen by default
+    assert not _float_reduce_windows(train_options.lower(x).compile().as_text())
+    np.testing.assert_allclose(train_options(x), plain(x), rtol=1e-6)
 
 
 def test_cpu_programs_have_no_ynnpack_fusions():
@@ -32,7 +56,7 @@ def test_cpu_programs_have_no_ynnpack_fusions():
     assert YNN not in jax.jit(f, compiler_options=cpu_tuning.compiler_options("cpu")).lower(a, a).compile().as_text()
 
 
-def test_train_step_and_generate_are_compiled_without_ynnpack():
+def test_train_step_and_generate_are_compiled_without_ynnpack_the_step_without_tree_reductions():
     from lima_jax import decoding, mesh as mesh_lib, sharding, train
     from lima_jax.config import LlamaConfig
     from lima_jax.language_model import LanguageModel, build_model
@@ -42,7 +66,9 @@ def test_train_step_and_generate_are_compiled_without_ynnpack():
     recipe = train.Recipe(1, 2, 16, 1e-5, 1e-6, 0, 0.9, 0.95, 0.1, 1, 0)
     mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     ts = train.build_train_step(config, recipe, mesh, sharding.DEFAULT_RULES, ())
-    assert YNN not in ts.fn.lower(ts.abstract_state, ts.abstract_batch).compile().as_text()
+    step_hlo = ts.fn.lower(ts.abstract_state, ts.abstract_batch).compile().as_text()
+    assert YNN not in step_hlo
+    assert not _float_reduce_windows(step_hlo)
 
     lm = LanguageModel(config, build_model(config))
     assert YNN not in decoding.lower_generate(lm, [[3, 4, 5]], 4).compile().as_text()
