@@ -35,3 +35,13 @@ def test_clearly_faster_steps_are_met_and_equal_steps_undecided():
     ours = [4.0 + x for x in noise]
     assert bench_train.verdict(bench_train.speedup_interval(ours, [5.0 + x for x in rng.permutation(noise)])).startswith("met")
     assert bench_train.verdict(bench_train.speedup_interval(ours, [4.0 + x for x in rng.permutation(noise)])).startswith("undecided")
+
+
+def test_cpu_description_names_the_model_and_widest_isa(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor @ 2.50GHz\n"
+                    "flags\t\t: fpu sse2 avx avx2 fma avx512f avx512bw\n\nprocessor\t: 1\n")
+    assert bench_train.cpu_description(str(info)) == "Intel(R) Xeon(R) Processor @ 2.50GHz, AVX-512"
+    info.write_text("model name\t: AMD EPYC 7B13\nflags\t\t: fpu avx avx2 fma\n")
+    assert bench_train.cpu_description(str(info)) == "AMD EPYC 7B13, AVX2"
+    assert bench_train.cpu_description(str(tmp_path / "absent")) == "unknown"

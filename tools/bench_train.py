@@ -39,6 +39,24 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name and widest x86 vector ISA ("AVX-512", "AVX2", ...), e.g. "Intel(R) Xeon(R)
+    Processor @ 2.50GHz, AVX-512": the ratio to PyTorch depends on it (PyTorch's MKL kernels use
+    AVX-512 where XLA's Eigen dots do not), so every figure should carry it. "unknown" where the file
+    is absent (not Linux)."""
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        return "unknown"
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX")) if flag in flags),
+               "no AVX")
+    return f"{fields.get('model name', 'unknown model')}, {isa}"
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -160,7 +178,7 @@ def main(argv=None) -> dict:
     ours_med, theirs_med = float(np.median(ours_s)), float(np.median(theirs_s))
     interval = speedup_interval(ours_s, theirs_s)
     result = {
-        "config": CONFIG, "batch": BATCH, "seq_len": SEQ, "matmul_peak_gflops": peak / 1e9,
+        "cpu": cpu_description(), "config": CONFIG, "batch": BATCH, "seq_len": SEQ, "matmul_peak_gflops": peak / 1e9,
         "ours_tokens_per_s": tokens / ours_med, "torch_tokens_per_s": tokens / theirs_med,
         "speedup_vs_torch": theirs_med / ours_med, "speedup_ci95": interval,
         "goal_1x": verdict(interval), "speedup_paired_median": paired_speedup(ours_s, theirs_s),
