@@ -1,5 +1,6 @@
 """Settings that make XLA:CPU runs of this project (the demo, tests, small models, benchmarks)
-faster. Neither changes a result, and neither touches TPU programs.
+faster. None touches TPU programs; only the train steps' reduction option changes a result, by
+float32 rounding (see below).
 
 - Compiler options for CPU executables: XLA:CPU hands dot products to YNNPACK by default, whose
   kernels run the batched attention products of training 2-3x slower than Eigen's and the

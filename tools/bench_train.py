@@ -41,8 +41,8 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
 
 def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name and widest x86 vector ISA ("AVX-512", "AVX2", ...), e.g. "Intel(R) Xeon(R)
-    Processor @ 2.50GHz, AVX-512": the ratio to PyTorch depends on it (PyTorch's MKL kernels use
-    AVX-512 where XLA's Eigen dots do not), so every figure should carry it. "unknown" where the file
+    Processor @ 2.50GHz, AVX-512": the ratio to PyTorch depends on it (on an AVX-512 Xeon, PyTorch's MKL
+    products ran faster than XLA's Eigen dots; on an AVX2 EPYC, not), so every figure should carry it. "unknown" where the file
     is absent (not Linux)."""
     try:
         with open(cpuinfo) as f:
