@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: test demo install clean
 
-$(STAMP): setup.py Makefile
+$(STAMP): setup.py Makefile lima_jax/sgemm_call.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,tpu]'
 	touch $(STAMP)

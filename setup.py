@@ -1,5 +1,5 @@
 """lima-jax: LIMA (Less Is More for Alignment) fine-tuning of LLaMA in JAX/Flax for Cloud TPU pods."""
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 setup(
     name="lima-jax",
@@ -10,6 +10,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["lima_jax", "lima_jax.*", "data_pipeline", "data_pipeline.*"]),
     package_data={"": ["*.gin", "*.json", "*.jsonl", "*.txt"]},
+    # The CPU custom call for float32 products (lima_jax/cpu_gemm.py). Optional: without a C compiler
+    # the install still succeeds and one-device CPU training keeps XLA's dots.
+    ext_modules=[Extension("lima_jax._sgemm_call", ["lima_jax/sgemm_call.c"], extra_compile_args=["-O2"],
+                           optional=True)],
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",

@@ -8,7 +8,7 @@ and probabilities for the gradient, which XLA:CPU spends more time writing and r
 multiplying.
 
 Heads are grouped next to the batch ([B·KVH, G·rows, D]) so every product is a plain batched matmul,
-which one-device CPU training hands to OpenBLAS (cpu_gemm.py).
+which one-device CPU training hands to a BLAS (cpu_gemm.py).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _ungroup(x, b):
 
 
 def _product(blas: bool):
-    """`cpu_gemm.batched_matmul` (float32 results) through OpenBLAS if `blas`, else XLA's dot."""
+    """`cpu_gemm.batched_matmul` (float32 results) through the BLAS if `blas`, else XLA's dot."""
     return partial(cpu_gemm.batched_matmul, blas=blas, preferred_element_type=jnp.float32)
 
 
@@ -65,7 +65,7 @@ def _causal_attention(q, k, v, mask, block, blas):
 
 def _forward(q, k, v, mask, block, blas):
     """q [BK, G, T, D], k/v [BK, T, D] (BK = B·KVH, kv heads minor), mask [B, T, T]. blas: products
-    through OpenBLAS (one-device CPU programs, see cpu_gemm)."""
+    through the BLAS (one-device CPU programs, see cpu_gemm)."""
     bk, g, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
     outs, lses = [], []
@@ -112,7 +112,7 @@ def causal_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
                      block: int = 128) -> jax.Array:
     """softmax(q·kᵀ/√d + mask)·v for q [B,T,H,D], keys/values [B,T,KVH,D] (H a multiple of KVH) and
     mask [B,T,T] bool (True = may attend), which must be causal: no query sees a later key. Traced
-    within `cpu_gemm.enabled()`, its float32 products run through OpenBLAS."""
+    within `cpu_gemm.enabled()`, its float32 products run through the BLAS."""
     b, t, h, d = q.shape
     kvh = keys.shape[2]
     if keys.shape[1] != t:

@@ -1,7 +1,12 @@
-"""cpu_gemm.py: OpenBLAS batched products as XLA custom calls equal XLA's dots, and only one-device CPU
-programs use them."""
+"""cpu_gemm.py: BLAS products (MKL or OpenBLAS) as XLA custom calls equal XLA's dots, and only
+one-device CPU programs use them. This process uses the default BLAS; a subprocess runs the product
+tests with the other one."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
 import types
 
 import jax
@@ -21,7 +26,7 @@ def _custom_calls(fn, *args) -> int:
 @pytest.mark.parametrize("batch", [1, 5])  # one matrix: split by rows; several: split by matrix
 @pytest.mark.parametrize("transpose_a,transpose_b", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("b_rows,accumulate", [(None, False), (7, False), (7, True)])
-def test_openblas_product_equals_xla_dot(batch, transpose_a, transpose_b, b_rows, accumulate):
+def test_blas_product_equals_xla_dot(batch, transpose_a, transpose_b, b_rows, accumulate):
     rng = np.random.default_rng(0)
     m, k, n, rows = 9, 11 if b_rows is None else b_rows, 6, 13
     a = rng.standard_normal((batch, k, m) if transpose_a else (batch, m, k)).astype(np.float32)
@@ -57,7 +62,7 @@ def test_mismatched_shapes_are_refused():
 
 
 @pytest.mark.parametrize("transpose_w", [False, True])
-def test_matmul_through_openblas_matches_xla_values_and_gradients(transpose_w):
+def test_matmul_through_blas_matches_xla_values_and_gradients(transpose_w):
     """The LM head's product: x @ w (or x @ wᵀ, tied embeddings) and both gradients."""
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((10, 6)), jnp.float32)
@@ -77,7 +82,7 @@ def test_matmul_through_openblas_matches_xla_values_and_gradients(transpose_w):
     assert _custom_calls(make(True), *bf16) == 0  # not float32: XLA's dot and autodiff
 
 
-def test_attention_through_openblas_matches_xla_values_and_gradients():
+def test_attention_through_blas_matches_xla_values_and_gradients():
     """Grouped heads, a partial last block and left padding: the custom-call attention (forward and
     hand-written backward) equals the XLA one."""
     b, t, h, kvh, d = 2, 150, 4, 2, 8
@@ -99,16 +104,16 @@ def test_attention_through_openblas_matches_xla_values_and_gradients():
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-4)
 
 
-def test_only_one_device_cpu_meshes_use_openblas():
+def test_only_one_device_cpu_meshes_use_the_blas():
     cpu = jax.devices("cpu")[0]
-    assert cpu_gemm.available()  # the wheel is a dependency: its absence would be a broken install
+    assert cpu_gemm.available()  # OpenBLAS and our C call are dependencies: their absence is a broken install
     assert cpu_gemm.usable_on(types.SimpleNamespace(devices=np.array([cpu])))
     assert not cpu_gemm.usable_on(types.SimpleNamespace(devices=np.array([cpu] * 8)))  # sharded
     tpu = types.SimpleNamespace(platform="tpu")
     assert not cpu_gemm.usable_on(types.SimpleNamespace(devices=np.array([tpu], dtype=object)))
 
 
-def test_train_step_on_one_cpu_device_runs_attention_and_head_through_openblas():
+def test_train_step_on_one_cpu_device_runs_its_products_through_the_blas():
     from lima_jax import mesh as mesh_lib, sharding, train
     from lima_jax.config import LlamaConfig
 
@@ -118,32 +123,59 @@ def test_train_step_on_one_cpu_device_runs_attention_and_head_through_openblas()
     mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     ts = train.build_train_step(config, recipe, mesh, sharding.DEFAULT_RULES, ())
     compiled = ts.fn.lower(ts.abstract_state, ts.abstract_batch).compile().as_text()
-    # The layers are one scanned body: one attention block, 2 products forward, 5 backward; the LM head 3.
-    assert config.scan_layers and compiled.count(f'custom_call_target="{TARGET[1:]}"') == 7 + 3
+    # The layers are one scanned body: one attention block, 2 products forward, 5 backward; the LM head
+    # 3; with MKL also the 7 projections, each forward and 2 gradients.
+    projections = 7 * 3 if cpu_gemm.backend() == "mkl" else 0
+    assert config.scan_layers and compiled.count(f'custom_call_target="{TARGET[1:]}"') == 7 + 3 + projections
 
 
-def test_workers_share_pieces_so_a_late_helper_leaves_its_share_to_the_caller():
-    """Pieces go to whichever thread is free: while the helper is held up, the calling thread takes
-    every other piece (with a fixed half per thread it would do one and wait). Each piece runs once."""
-    import threading
-    import time
+def test_backend_follows_the_cpu_and_the_environment(monkeypatch):
+    monkeypatch.delenv(cpu_gemm.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(cpu_gemm, "_torch_library", lambda: "/some/libtorch_cpu.so")
+    monkeypatch.setattr(cpu_gemm, "_intel_cpu", lambda: True)
+    assert cpu_gemm.blas_backend() == "mkl"
+    monkeypatch.setattr(cpu_gemm, "_intel_cpu", lambda: False)  # MKL was no faster on an AMD EPYC
+    assert cpu_gemm.blas_backend() == "openblas"
+    monkeypatch.setattr(cpu_gemm, "_intel_cpu", lambda: True)
+    monkeypatch.setattr(cpu_gemm, "_torch_library", lambda: None)
+    assert cpu_gemm.blas_backend() == "openblas"
+    for value in ("mkl", "OpenBLAS", "xla"):
+        monkeypatch.setenv(cpu_gemm.BACKEND_ENV, value)
+        assert cpu_gemm.blas_backend() == value.lower()
+    monkeypatch.setenv(cpu_gemm.BACKEND_ENV, "atlas")
+    with pytest.raises(ValueError, match="LIMA_JAX_CPU_BLAS='atlas': expected mkl, openblas or xla"):
+        cpu_gemm.blas_backend()
 
-    workers = cpu_gemm._Workers(2)
-    caller = threading.get_ident()
-    done_by, caller_pieces = {}, []
-    all_but_one = threading.Event()
-    deadline = time.monotonic() + 10
 
-    def piece(i):
-        if threading.get_ident() == caller:
-            caller_pieces.append(i)
-            if len(caller_pieces) == len(jobs) - 1:
-                all_but_one.set()
-        else:  # a helper held up until the caller has done all pieces but this one (at most 10 s)
-            all_but_one.wait(max(0.0, deadline - time.monotonic()))
-        done_by.setdefault(i, []).append(threading.get_ident())
+@pytest.mark.parametrize("batch", [1, 23])  # rows split (or MKL's own threads); matrices in pieces
+def test_products_are_bitwise_repeatable_also_from_two_threads_at_once(batch):
+    """The pieces do not depend on which thread runs them, nor on a second call at the same time."""
+    rng = np.random.default_rng(3)
+    a = jnp.asarray(rng.standard_normal((batch, 301, 70)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((batch, 70, 129)), jnp.float32)
+    product = jax.jit(lambda a, b: cpu_gemm.batched_matmul(a, b, blas=True))
+    first = np.asarray(product(a, b))
+    np.testing.assert_allclose(first, np.matmul(np.asarray(a), np.asarray(b)), rtol=1e-4, atol=1e-4)
+    results = []
 
-    jobs = [(i,) for i in range(8)]
-    workers.run(piece, jobs)
-    assert sorted(done_by) == list(range(8)) and all(len(t) == 1 for t in done_by.values())
-    assert len(caller_pieces) >= 7
+    def repeat():
+        results.extend(np.asarray(product(a, b)) for _ in range(10))
+
+    threads = [threading.Thread(target=repeat) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 20 and all(np.array_equal(r, first) for r in results)
+
+
+def test_the_other_backend_passes_the_product_tests():
+    """This process has the default BLAS; the other one (MKL needs torch, a test dependency) runs the
+    product tests in a subprocess."""
+    other = "openblas" if cpu_gemm.backend() == "mkl" else "mkl"
+    env = {**os.environ, cpu_gemm.BACKEND_ENV: other}
+    tests = "product_equals or matmul_through or attention_through or repeatable or runs_its_products"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout
