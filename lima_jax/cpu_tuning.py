@@ -46,7 +46,7 @@ def compiler_options(platform: Optional[str] = None, *, training: bool = False) 
 
 def one_cpu_device(mesh) -> bool:
     """Whether a program over `mesh` runs on a single CPU device (where lima-train's CPU-only choices
-    apply: BLAS products, the grad norm's runs of 32)."""
+    apply: BLAS products)."""
     return mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
 
 

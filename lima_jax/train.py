@@ -188,20 +188,9 @@ def model_flops_per_step(config: LlamaConfig, global_batch: int, seq_len: int) -
     return float(global_batch * seq_len * (6 * n + attention))
 
 
-def grad_norm(grads, one_cpu: bool = False) -> jax.Array:
-    """The global L2 norm of the gradients. With one_cpu (a one-device CPU program), each leaf's
-    squares are first summed in runs of 32 along its flattened length: XLA:CPU turns a whole-array sum
-    into a multi-dimensional reduce-window that reads ~8x slower and first writes every square out
-    (~0.1 s of a 58M step), but keeps a reduction over 32 contiguous elements a plain fused loop. Not
-    on sharded programs, where the flattening would move shards."""
-    def sum_of_squares(g):
-        g = g.astype(jnp.float32)
-        if one_cpu and g.size > 32 and g.size % 32 == 0:  # the barrier keeps XLA from merging the sums
-            g = jax.lax.optimization_barrier(jnp.sum(jnp.square(g.reshape(-1, 32)), axis=1))
-            return jnp.sum(g)
-        return jnp.sum(jnp.square(g))
-
-    return jnp.sqrt(sum(sum_of_squares(g) for g in jax.tree.leaves(grads)))
+def grad_norm(grads) -> jax.Array:
+    """The global L2 norm of the gradients (float32)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
 
 
 class TrainStep(NamedTuple):
@@ -225,7 +214,6 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
     graphdef, _ = _abstract_model(config)
     accum = r.grad_accum_steps
     blas = cpu_gemm.usable_on(mesh)
-    one_cpu = cpu_tuning.one_cpu_device(mesh)
 
     def loss_fn(params, micro, key, denom):
         """(this microbatch's share of the step's mean loss, its correct predictions): divided by the
@@ -265,7 +253,7 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
                 (grads, loss, correct), _ = jax.lax.scan(accumulate, (zeros, zero, zero), (jnp.arange(accum), micro))
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            metrics = {"loss": loss, "accuracy": correct / denom, "grad_norm": grad_norm(grads, one_cpu),
+            metrics = {"loss": loss, "accuracy": correct / denom, "grad_norm": grad_norm(grads),
                        "lr": schedule(state.step), "loss_tokens": weight}
             return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 

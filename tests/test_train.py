@@ -158,23 +158,18 @@ def test_token_loss_counts_argmax_hits_as_correct():
     assert float(correct) == float(np.sum((logits.argmax(-1) == targets) * weights)) > 0
 
 
-def test_grad_norm_equals_optax_and_sums_runs_of_32_on_one_cpu():
-    import re
-
+def test_grad_norm_equals_optax_and_is_a_plain_sum_in_train_steps():
     import optax
 
     from lima_jax import cpu_tuning
 
     rng = np.random.default_rng(0)
     grads = {"w": rng.standard_normal((64, 512)).astype(np.float32), "b": rng.standard_normal((3, 7)).astype(np.float32)}
-    want = float(optax.tree.norm(grads))
-    for one_cpu in (False, True):
-        fn = jax.jit(lambda g, one_cpu=one_cpu: train.grad_norm(g, one_cpu),
-                     compiler_options=cpu_tuning.compiler_options("cpu"))
-        assert float(fn(grads)) == pytest.approx(want, rel=1e-6)
-        windows = re.findall(r"reduce-window\(.*window=\{size=(\S+?)[ ,}]", fn.lower(grads).compile().as_text())
-        # XLA:CPU's whole-array sum of the [64, 512] leaf is a 2-D (slow) window; the runs of 32 are not
-        assert ("32x32" in windows) == (not one_cpu)
+    fn = jax.jit(train.grad_norm, compiler_options=cpu_tuning.compiler_options("cpu", training=True))
+    assert float(fn(grads)) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-6)
+    # Train steps compile without XLA:CPU's tree-reduction rewrite, whose 2-D reduce-window read the
+    # [64, 512] leaf ~8x slower than this plain reduce.
+    assert "reduce-window" not in fn.lower(grads).compile().as_text()
 
 
 # ---- a run, its outputs, its resume -------------------------------------------------------------
