@@ -35,8 +35,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import os
 import importlib.util
+import os
 import threading
 from typing import Iterator, Optional
 
@@ -48,7 +48,7 @@ from lima_jax import cpu_tuning
 _TARGET = "lima_jax_sgemm_batch_strided"
 BACKEND_ENV = "LIMA_JAX_CPU_BLAS"
 _tracing = threading.local()
-_registered: list = []  # the BLAS and our C library, loaded as long as XLA may call them
+_registered: list = []  # the BLAS's name, it and our C library, loaded as long as XLA may call them
 _registering = threading.Lock()
 
 

@@ -104,9 +104,9 @@ static int min_int(long a, long b) { return (int)(a < b ? a : b); }
 
 void lima_sgemm_call(void *out, const void **in, const char *opaque, size_t opaque_len, void *status) {
   (void)status;
-  char text[256];
+  char text[512]; /* 13 integers: at most ~270 characters */
   long v[13];
-  if (opaque_len >= sizeof text) return; /* cpu_gemm.py writes ~60 characters */
+  if (opaque_len >= sizeof text) return;
   memcpy(text, opaque, opaque_len);
   text[opaque_len] = 0;
   char *p = text;
