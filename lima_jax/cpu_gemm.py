@@ -65,7 +65,7 @@ def available() -> bool:
 
 
 def backend() -> Optional[str]:
-    """"mkl" or "openblas": the BLAS behind this process's custom call; None if there is none."""
+    """The BLAS behind this process's custom call, "mkl" or "openblas"; None if there is none."""
     return _registered[0] if available() else None
 
 
