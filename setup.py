@@ -10,10 +10,13 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["lima_jax", "lima_jax.*", "data_pipeline", "data_pipeline.*"]),
     package_data={"": ["*.gin", "*.json", "*.jsonl", "*.txt"]},
-    # The CPU custom call for float32 products (lima_jax/cpu_gemm.py). Optional: without a C compiler
-    # the install still succeeds and one-device CPU training keeps XLA's dots.
-    ext_modules=[Extension("lima_jax._sgemm_call", ["lima_jax/sgemm_call.c"], extra_compile_args=["-O2"],
-                           optional=True)],
+    # The CPU custom calls for float32 products and attention (lima_jax/cpu_gemm.py, attention.py).
+    # Optional: without a C compiler the install still succeeds and one-device CPU training keeps XLA's
+    # ops. -fno-trapping-math lets the row loops' selects vectorize.
+    ext_modules=[Extension("lima_jax._cpu_calls",
+                           [f"lima_jax/csrc/{name}.c" for name in ("pool", "sgemm_call", "attention_call")],
+                           depends=["lima_jax/csrc/pool.h"],
+                           extra_compile_args=["-O3", "-fno-trapping-math", "-fno-math-errno"], optional=True)],
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",

@@ -1,34 +1,35 @@
 """Float32 matrix products through a BLAS (MKL or OpenBLAS), as XLA custom calls, for one-device CPU
 programs (lima-train's step on one CPU device).
 
-Training attention multiplies many small matrices: per (batch, kv head), a block of 128 query rows
-against up to 512 keys of 64 dims. XLA:CPU's Eigen kernels run these batched dots at 35-75 GFLOP/s on
-a 2-core EPYC; through OpenBLAS, a 58M layer's attention forward + backward took 20-30% less time
-(measured in one process). The LM head's wide product (2048 × 512 by 512 × 32000 and its two
-gradients) ran 8-16% faster through OpenBLAS too. On an AVX-512 Xeon, MKL's kernels beat both Eigen
-and OpenBLAS; there the layers' 2-D products go through it as well (`layers_enabled`): in paired runs
-of the 58M step, 4-7% faster than with OpenBLAS for attention and the head alone. Through OpenBLAS,
-split by rows, the layers' products were slower than XLA's dots, so they stay dots there.
+The LM head's wide product (2048 × 512 by 512 × 32000 and its two gradients) ran 8-16% faster through
+OpenBLAS than as XLA:CPU's Eigen dots (2-core EPYC, measured in one process). On an AVX-512 Xeon,
+MKL's kernels beat both Eigen and OpenBLAS; there the layers' 2-D products go through it as well
+(`layers_enabled`): in paired runs of the 58M step, 4-7% faster than with OpenBLAS. Through OpenBLAS,
+split by rows, the layers' products were slower than XLA's dots, so they stay dots there. Attention
+has fused calls of its own (attention.py), which multiply through the same BLAS.
 
-`batched_matmul` is the one product attention needs: op(a) @ op(b[:, :b_rows]), optionally added into
-the leading rows of an accumulator. As a custom call it reads b's row prefix where it lies and adds
-into the accumulator in place (its buffer is the output), so no slice or update is copied. `matmul`
-is a differentiable 2-D product on top of it, for the LM head and the layers.
+`batched_matmul` is op(a) @ op(b[:, :b_rows]) for a batch of matrices, optionally added into the
+leading rows of an accumulator. As a custom call it reads b's row prefix where it lies and adds into
+the accumulator in place (its buffer is the output), so no slice or update is copied. `matmul` is a
+differentiable 2-D product on top of it, for the LM head and the layers.
 
-How: the custom call is our C function (sgemm_call.c, the extension module `_sgemm_call`), in XLA's
-"status returning, unified" convention; the opaque string carries the product's shape, strides and
-beta. It never takes Python's lock. `blas_backend()` picks the BLAS once per process: MKL, from
-torch's own library (torch bundles it), on Intel CPUs where torch is installed; otherwise OpenBLAS
-from the `scipy-openblas32` wheel; $LIMA_JAX_CPU_BLAS overrides ("mkl", "openblas", "xla" for none).
-The BLAS runs single-threaded on the calling XLA thread and helper threads of ours that sleep between
-calls (OpenBLAS's own threads spin for ~0.1 s after each call, which slowed XLA's next ops); MKL gets
-a single product whole, with its own threads. The split is fixed, so results are deterministic.
+How: the custom call is our C function (csrc/sgemm_call.c, in the extension module `_cpu_calls`), in
+XLA's "status returning, unified" convention; the opaque string carries the product's shape, strides
+and beta. It never takes Python's lock. The same library holds attention's fused calls (attention.py,
+csrc/attention_call.c); this module loads it and registers them all (`target`).
+
+`blas_backend()` picks the BLAS once per process: MKL, from torch's own library (torch bundles it),
+on Intel CPUs where torch is installed; otherwise OpenBLAS from the `scipy-openblas32` wheel;
+$LIMA_JAX_CPU_BLAS overrides ("mkl", "openblas", "xla" for none). The BLAS runs single-threaded on the
+calling XLA thread and helper threads of ours that sleep between calls (OpenBLAS's own threads spin
+for ~0.1 s after each call, which slowed XLA's next ops); MKL gets a single product whole, with its own
+threads. The split is fixed, so results are deterministic.
 
 Only for programs that run on one CPU device: a custom call has no sharding rule, so a sharded program
 would gather its operands. `enabled(True)` turns it on while a program is traced; otherwise, and for
 non-float32 operands, `batched_matmul` is an XLA dot. The flag reaches `batched_matmul` as an
-argument (attention reads `is_enabled()` when traced and passes it on as a static argument of its
-custom VJP), so JAX's caches of traced functions keep the two apart.
+argument (`blas`) and attention reads it when traced, so JAX's caches of traced functions keep the
+two apart.
 """
 from __future__ import annotations
 
@@ -45,15 +46,28 @@ import jax.numpy as jnp
 
 from lima_jax import cpu_tuning
 
-_TARGET = "lima_jax_sgemm_batch_strided"
+_PREFIX = "lima_jax_"  # of our calls' XLA target names
+_CALLS = {"sgemm_batch_strided": "lima_sgemm_call", "attention_forward": "lima_attention_forward",
+          "attention_backward": "lima_attention_backward"}  # name → the C function (csrc/)
 BACKEND_ENV = "LIMA_JAX_CPU_BLAS"
 _tracing = threading.local()
 _registered: list = []  # the BLAS's name, it and our C library, loaded as long as XLA may call them
 _registering = threading.Lock()
 
 
+def target(name: str) -> str:
+    """The XLA target of our C call `name` (a key of _CALLS), registered."""
+    _register()
+    return _PREFIX + name
+
+
+def threads() -> int:
+    """Threads our calls run on (the calling XLA thread and helpers): the CPUs this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def available() -> bool:
-    """Whether the custom call can be registered here (our C call was built, the BLAS loads, and
+    """Whether the custom calls can be registered here (our C call was built, the BLAS loads, and
     $LIMA_JAX_CPU_BLAS is not "xla")."""
     try:
         _register()
@@ -117,7 +131,6 @@ def batched_matmul(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, tra
 
 
 def _sgemm_batch(a, b, transpose_a, transpose_b, b_rows, accumulate):
-    _register()
     batch, ra, ca = a.shape
     _, rb, cb = b.shape
     m, k = (ca, ra) if transpose_a else (ra, ca)
@@ -132,8 +145,9 @@ def _sgemm_batch(a, b, transpose_a, transpose_b, b_rows, accumulate):
         operands, out_shape, aliases, beta = (a, b, accumulate), accumulate.shape, {2: 0}, 1
     rows_c = out_shape[1]
     config = (int(transpose_a), int(transpose_b), m, n, k, ca, ra * ca, cb, rb * cb, n, rows_c * n, batch, beta)
-    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(out_shape, jnp.float32), custom_call_api_version=3,
-                            legacy_backend_config=",".join(map(str, config)), input_output_aliases=aliases)
+    call = jax.ffi.ffi_call(target("sgemm_batch_strided"), jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                            custom_call_api_version=3, legacy_backend_config=",".join(map(str, config)),
+                            input_output_aliases=aliases)
     return call(*operands)
 
 
@@ -144,23 +158,24 @@ def _register() -> None:
 
 
 def _load_and_register() -> tuple:
-    from lima_jax import _sgemm_call  # our C custom call (sgemm_call.c), built by pip
+    from lima_jax import _cpu_calls  # our C custom calls (csrc/), built by pip
 
     backend = blas_backend()
     if backend == "xla":
         raise ImportError(f"{BACKEND_ENV}=xla: no BLAS custom call")
     sgemm, set_threads, library = _mkl() if backend == "mkl" else _openblas()
-    call = ctypes.CDLL(_sgemm_call.__file__)
-    call.lima_sgemm_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if call.lima_sgemm_init(sgemm, set_threads, threads, int(backend == "mkl")) != 0:
-        raise OSError("cpu_gemm: could not start the sgemm helper threads")
+    calls = ctypes.CDLL(_cpu_calls.__file__)
+    calls.lima_cpu_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    if calls.lima_cpu_init(sgemm, set_threads, threads(), int(backend == "mkl")) != 0:
+        raise OSError("cpu_gemm: could not start the custom calls' helper threads")
     capsule_new = ctypes.pythonapi.PyCapsule_New
     capsule_new.restype = ctypes.py_object
     capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-    capsule = capsule_new(ctypes.cast(call.lima_sgemm_call, ctypes.c_void_p), b"xla._CUSTOM_CALL_TARGET", None)
-    jax.ffi.register_ffi_target(_TARGET, capsule, platform="cpu", api_version=0)
-    return backend, library, call
+    for name, symbol in _CALLS.items():
+        address = ctypes.cast(getattr(calls, symbol), ctypes.c_void_p)
+        jax.ffi.register_ffi_target(_PREFIX + name, capsule_new(address, b"xla._CUSTOM_CALL_TARGET", None),
+                                    platform="cpu", api_version=0)
+    return backend, library, calls
 
 
 def blas_backend() -> str:

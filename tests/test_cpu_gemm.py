@@ -1,6 +1,6 @@
-"""cpu_gemm.py: BLAS products (MKL or OpenBLAS) as XLA custom calls equal XLA's dots, and only
-one-device CPU programs use them. This process uses the default BLAS; a subprocess runs the product
-tests with the other one."""
+"""cpu_gemm.py: BLAS products (MKL or OpenBLAS) as XLA custom calls equal XLA's dots, attention's fused
+calls equal the XLA version, and only one-device CPU programs use them. This process uses the default
+BLAS; a subprocess runs the product tests with the other one."""
 from __future__ import annotations
 
 import os
@@ -16,11 +16,11 @@ import pytest
 
 from lima_jax import attention, cpu_gemm
 
-TARGET = "@lima_jax_sgemm_batch_strided"  # how the custom call appears in lowered StableHLO
+TARGET = "@lima_jax_sgemm_batch_strided("  # how the product's call appears in lowered StableHLO
 
 
-def _custom_calls(fn, *args) -> int:
-    return jax.jit(fn).lower(*args).as_text().count(TARGET)
+def _custom_calls(fn, *args, target: str = TARGET) -> int:
+    return jax.jit(fn).lower(*args).as_text().count(target)
 
 
 @pytest.mark.parametrize("batch", [1, 5])  # one matrix: split by rows; several: split by matrix
@@ -82,26 +82,38 @@ def test_matmul_through_blas_matches_xla_values_and_gradients(transpose_w):
     assert _custom_calls(make(True), *bf16) == 0  # not float32: XLA's dot and autodiff
 
 
-def test_attention_through_blas_matches_xla_values_and_gradients():
-    """Grouped heads, a partial last block and left padding: the custom-call attention (forward and
-    hand-written backward) equals the XLA one."""
-    b, t, h, kvh, d = 2, 150, 4, 2, 8
+@pytest.mark.parametrize("h,kvh", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("block", [64, 37, 200])  # 3 blocks, the last partial; 5 blocks; one block
+def test_fused_attention_matches_xla_values_and_gradients(h, kvh, block, monkeypatch):
+    """Our fused calls (forward and backward) equal the XLA version, with left and right padding; rows
+    that see no key are padding (their outputs differ) and are left out. Repeated runs are bitwise
+    equal."""
+    monkeypatch.setattr(attention, "FUSED_BLOCK", block)
+    b, t, d = 3, 150, 24  # d: not a multiple of the row loops' 16 lanes
     rng = np.random.default_rng(1)
-    q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, d)), jnp.float32) for n in (h, kvh, kvh))
-    w = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
-    mask = jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, 0).at[0, :, :5].set(False)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, d)) * 2, jnp.float32) for n in (h, kvh, kvh))
+    real = np.ones((b, t), bool)
+    real[0, :5] = False  # left padding: rows 0-4 see no key
+    real[1, -20:] = False  # right padding
+    mask = jnp.tril(jnp.ones((t, t), bool))[None] & jnp.asarray(real)[:, None, :]
+    sees_a_key = np.asarray(jnp.any(mask, axis=-1))[:, :, None, None]
+    w = jnp.asarray(rng.standard_normal((b, t, h, d)) * sees_a_key, jnp.float32)
 
     def make(on):
         def loss(q, k, v):
             with cpu_gemm.enabled(on):  # inside the traced function, as lima-train's step enters it
-                return jnp.sum(attention.causal_attention(q, k, v, mask, block=64) * w)
-        return jax.value_and_grad(loss, argnums=(0, 1, 2))
+                out = attention.causal_attention(q, k, v, mask, block=block)
+            return jnp.sum(out * w), out * sees_a_key
+        return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
 
-    assert _custom_calls(make(True), q, k, v) == 3 * 2 + 3 * 5  # 3 blocks: 2 products forward, 5 backward
-    assert _custom_calls(make(False), q, k, v) == 0
-    for got, expected in zip(jax.tree.leaves(jax.jit(make(True))(q, k, v)),
-                             jax.tree.leaves(jax.jit(make(False))(q, k, v))):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-4)
+    for name, expected in (("attention_forward", 1), ("attention_backward", 1), ("sgemm_batch_strided", 0)):
+        assert _custom_calls(make(True), q, k, v, target=f"@lima_jax_{name}(") == expected, name
+    assert _custom_calls(make(False), q, k, v, target="@lima_jax_") == 0
+    fused = jax.jit(make(True))
+    got = jax.tree.leaves(fused(q, k, v))
+    for name, a, e in zip(["loss", "out", "dq", "dk", "dv"], got, jax.tree.leaves(jax.jit(make(False))(q, k, v))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-5, atol=1e-4, err_msg=name)
+    assert all(np.array_equal(a, b) for a, b in zip(got, jax.tree.leaves(fused(q, k, v))))
 
 
 def test_only_one_device_cpu_meshes_use_the_blas():
@@ -123,10 +135,13 @@ def test_train_step_on_one_cpu_device_runs_its_products_through_the_blas():
     mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     ts = train.build_train_step(config, recipe, mesh, sharding.DEFAULT_RULES, ())
     compiled = ts.fn.lower(ts.abstract_state, ts.abstract_batch).compile().as_text()
-    # The layers are one scanned body: one attention block, 2 products forward, 5 backward; the LM head
-    # 3; with MKL also the 7 projections, each forward and 2 gradients.
+    # The layers are one scanned body: attention's two fused calls; the LM head 3 products; with MKL also
+    # the 7 projections, each forward and 2 gradients.
     projections = 7 * 3 if cpu_gemm.backend() == "mkl" else 0
-    assert config.scan_layers and compiled.count(f'custom_call_target="{TARGET[1:]}"') == 7 + 3 + projections
+    assert config.scan_layers
+    calls = {"sgemm_batch_strided": 3 + projections, "attention_forward": 1, "attention_backward": 1}
+    for name, expected in calls.items():
+        assert compiled.count(f'custom_call_target="lima_jax_{name}"') == expected, name
 
 
 def test_backend_follows_the_cpu_and_the_environment(monkeypatch):
@@ -174,7 +189,7 @@ def test_the_other_backend_passes_the_product_tests():
     product tests in a subprocess."""
     other = "openblas" if cpu_gemm.backend() == "mkl" else "mkl"
     env = {**os.environ, cpu_gemm.BACKEND_ENV: other}
-    tests = "product_equals or matmul_through or attention_through or repeatable or runs_its_products"
+    tests = "product_equals or matmul_through or fused_attention or repeatable or runs_its_products"
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]
