@@ -51,8 +51,9 @@ _product = partial(cpu_gemm.batched_matmul, preferred_element_type=jnp.float32) 
 
 def _block_scores(q, k, mask, start, end, scale):
     """Scores of query rows [start, end) against keys [0, end): [BK, G, rows, end] float32, masked
-    entries at float32's minimum. A row that sees no key (left padding) gets a uniform distribution
-    over keys [0, end); it is padding, whose output no other position reads."""
+    entries at float32's minimum. A row that sees no key (left padding) gets weight 1 on each key in
+    [0, end) (its log-normaliser rounds back to that minimum); it is padding, whose output no other
+    position reads."""
     bk, g, _, d = q.shape
     rows = end - start
     qb = q[:, :, start:end].reshape(bk, g * rows, d)
@@ -84,7 +85,6 @@ def _forward(q, k, v, mask, block):
 
 def _backward(block, residuals, d_out):
     q, k, v, mask, out, lse = residuals
-    product = _product
     bk, g, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
     # delta_i = Σ_j p_ij dp_ij = d_out_i · out_i: the softmax gradient's row term.
@@ -98,12 +98,12 @@ def _backward(block, residuals, d_out):
         p = jnp.exp(s - lse[:, :, start:end])  # [BK, G, rows, end]
         do = d_out[:, :, start:end].reshape(bk, g * rows, d)
         p2 = p.astype(v.dtype).reshape(bk, g * rows, end)
-        dv = product(p2, do, transpose_a=True, accumulate=dv)
-        dp = product(do, v, transpose_b=True, b_rows=end).reshape(p.shape)
+        dv = _product(p2, do, transpose_a=True, accumulate=dv)
+        dp = _product(do, v, transpose_b=True, b_rows=end).reshape(p.shape)
         ds = (p * (dp - delta[:, :, start:end]) * scale).astype(q.dtype).reshape(bk, g * rows, end)
-        dq_blocks.append(product(ds, k, b_rows=end).reshape(bk, g, rows, d))
+        dq_blocks.append(_product(ds, k, b_rows=end).reshape(bk, g, rows, d))
         qb = q[:, :, start:end].reshape(bk, g * rows, d)
-        dk = product(ds, qb, transpose_a=True, accumulate=dk)
+        dk = _product(ds, qb, transpose_a=True, accumulate=dk)
     dq = jnp.concatenate(dq_blocks, axis=2)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
@@ -112,8 +112,8 @@ _causal_attention.defvjp(_forward, _backward)
 
 
 # Query rows per piece of our fused calls (the XLA version uses the config's attention_block): in the
-# 58M benchmark's shapes, forward + backward took ~25% less time with 64 than with 128 rows (AVX-512
-# Xeon, alternating in one process; 32 was no better than 64).
+# 58M benchmark's shapes, forward + backward took 4-26% less time with 64 than with 128 rows (three
+# runs, AVX-512 Xeon; 32 was no better than 64).
 FUSED_BLOCK = 64
 
 

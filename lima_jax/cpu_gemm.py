@@ -51,7 +51,8 @@ _CALLS = {"sgemm_batch_strided": "lima_sgemm_call", "attention_forward": "lima_a
           "attention_backward": "lima_attention_backward"}  # name → the C function (csrc/)
 BACKEND_ENV = "LIMA_JAX_CPU_BLAS"
 _tracing = threading.local()
-_registered: list = []  # the BLAS's name, it and our C library, loaded as long as XLA may call them
+# The BLAS's name, it and our C library (loaded as long as XLA may call them), and the library's threads.
+_registered: list = []
 _registering = threading.Lock()
 
 
@@ -62,8 +63,10 @@ def target(name: str) -> str:
 
 
 def threads() -> int:
-    """Threads our calls run on (the calling XLA thread and helpers): the CPUs this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """Threads our calls run on (the calling XLA thread and helpers), fixed when the library was
+    loaded: the CPUs this process could use then."""
+    _register()
+    return _registered[3]
 
 
 def available() -> bool:
@@ -166,7 +169,8 @@ def _load_and_register() -> tuple:
     sgemm, set_threads, library = _mkl() if backend == "mkl" else _openblas()
     calls = ctypes.CDLL(_cpu_calls.__file__)
     calls.lima_cpu_init.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    if calls.lima_cpu_init(sgemm, set_threads, threads(), int(backend == "mkl")) != 0:
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if calls.lima_cpu_init(sgemm, set_threads, threads, int(backend == "mkl")) != 0:
         raise OSError("cpu_gemm: could not start the custom calls' helper threads")
     capsule_new = ctypes.pythonapi.PyCapsule_New
     capsule_new.restype = ctypes.py_object
@@ -175,7 +179,7 @@ def _load_and_register() -> tuple:
         address = ctypes.cast(getattr(calls, symbol), ctypes.c_void_p)
         jax.ffi.register_ffi_target(_PREFIX + name, capsule_new(address, b"xla._CUSTOM_CALL_TARGET", None),
                                     platform="cpu", api_version=0)
-    return backend, library, calls
+    return backend, library, calls, threads
 
 
 def blas_backend() -> str:
