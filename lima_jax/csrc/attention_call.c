@@ -112,12 +112,10 @@ typedef struct {
   float *out, *lse, *dq, *dk, *dv, *scratch;
 } attention_t;
 
-static int min_int(int a, int b) { return a < b ? a : b; }
-
 /* Query block `blk`'s rows [*start, end); returns end. */
 static int block_rows(const attention_t *a, int blk, int *start) {
   *start = blk * a->block;
-  return min_int(*start + a->block, a->t);
+  return lima_min(*start + a->block, a->t);
 }
 
 static float *scratch(const attention_t *a, int thread) {
@@ -176,7 +174,7 @@ static int configure(attention_t *a, const char *opaque, size_t opaque_len) {
   memset(a, 0, sizeof *a);
   if (lima_parse_config(opaque, opaque_len, v, 7)) return -1;
   a->b = (int)v[0], a->t = (int)v[1], a->h = (int)v[2], a->kvh = (int)v[3], a->d = (int)v[4];
-  a->block = min_int((int)v[5], a->t), a->slots = (int)v[6];
+  a->block = lima_min((int)v[5], a->t), a->slots = (int)v[6];
   if (a->b < 1 || a->t < 1 || a->block < 1 || a->kvh < 1 || a->slots < lima_threads) return -1;
   a->blocks = (a->t + a->block - 1) / a->block;
   a->scale = 1.f / sqrtf((float)a->d);

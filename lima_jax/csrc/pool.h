@@ -30,6 +30,8 @@ void lima_use_blas_threads(int n);
 typedef void (*piece_fn)(const void *ctx, int piece, int thread);
 void lima_run_pieces(int pieces, piece_fn piece, const void *ctx);
 
+static inline int lima_min(long a, long b) { return (int)(a < b ? a : b); }
+
 /* The opaque config of a call: `count` comma-separated integers. Returns 0, or -1 if it is too long. */
 int lima_parse_config(const char *opaque, size_t opaque_len, long *values, int count);
 

@@ -38,8 +38,6 @@ static void run_piece(const void *ctx, int i, int thread) {
   }
 }
 
-static int min_int(long a, long b) { return (int)(a < b ? a : b); }
-
 void lima_sgemm_call(void *out, const void **in, const char *opaque, size_t opaque_len, void *status) {
   (void)status;
   long v[13];
@@ -50,7 +48,7 @@ void lima_sgemm_call(void *out, const void **in, const char *opaque, size_t opaq
              .a = in[0], .b = in[1], .c = out};
   if (!(j.m && j.n && j.batch)) return; /* an empty result: nothing to write (buffers may be null) */
   int whole = lima_whole_single && j.batch == 1;
-  j.pieces = whole ? 1 : j.batch > 1 ? min_int(j.batch, 4L * lima_threads) : min_int(j.m, lima_threads);
+  j.pieces = whole ? 1 : j.batch > 1 ? lima_min(j.batch, 4L * lima_threads) : lima_min(j.m, lima_threads);
   lima_use_blas_threads(whole ? lima_threads : 1);
   pthread_mutex_lock(&lima_one_call);
   lima_run_pieces(j.pieces, run_piece, &j);
