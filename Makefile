@@ -10,7 +10,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: test demo install clean
 
-$(STAMP): setup.py Makefile $(wildcard lima_jax/csrc/*)
+$(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,tpu]'
 	touch $(STAMP)

@@ -1,5 +1,5 @@
 """lima-jax: LIMA (Less Is More for Alignment) fine-tuning of LLaMA in JAX/Flax for Cloud TPU pods."""
-from setuptools import Extension, find_packages, setup
+from setuptools import find_packages, setup
 
 setup(
     name="lima-jax",
@@ -10,13 +10,6 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["lima_jax", "lima_jax.*", "data_pipeline", "data_pipeline.*"]),
     package_data={"": ["*.gin", "*.json", "*.jsonl", "*.txt"]},
-    # The CPU custom calls for float32 products and attention (lima_jax/cpu_gemm.py, attention.py).
-    # Optional: without a C compiler the install still succeeds and one-device CPU training keeps XLA's
-    # ops. -fno-trapping-math lets the row loops' selects vectorize.
-    ext_modules=[Extension("lima_jax._cpu_calls",
-                           [f"lima_jax/csrc/{name}.c" for name in ("pool", "sgemm_call", "attention_call")],
-                           depends=["lima_jax/csrc/pool.h"],
-                           extra_compile_args=["-O3", "-fno-trapping-math", "-fno-math-errno"], optional=True)],
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",
@@ -32,7 +25,6 @@ setup(
         "etils==1.15.0",
         "gin-config==0.5.0",
         "safetensors==0.8.0",
-        "scipy-openblas32==0.3.34.481.3",  # sgemm for one-device CPU training (lima_jax/cpu_gemm.py)
         "tqdm==4.70.1",
         "numpy==2.4.6",
         "matplotlib==3.11.2",
@@ -49,7 +41,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "lima-train=lima_jax.train:main",
+            "lima-train=lima_jax.cli.train:main",
             "lima-decode=lima_jax.cli.decode:main",
             "lima-chat=lima_jax.cli.chat:main",
             "lima-convert=lima_jax.cli.convert:main",

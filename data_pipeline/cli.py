@@ -16,6 +16,8 @@ import sys
 import xml.etree.ElementTree as ET
 from typing import Optional, Sequence
 
+from lima_jax.cli.errors import input_error
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's start-up chatter hides the one-line results
 
 
@@ -151,14 +153,15 @@ COMMANDS = {"build": _build, "export": _export, "stats": _stats, "curate": _cura
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except (ValueError, OSError, ET.ParseError, KeyError) as e:
+    except (ValueError, OSError, ET.ParseError) as e:
         # InvalidLimaLine is a ValueError whose text is already `FILE:LINE: what is wrong`.
-        message = str(e) if not isinstance(e, KeyError) else f"missing field {e}"
-        print(f"lima-data: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return input_error(parser.prog, e)
+    except KeyError as e:
+        return input_error(parser.prog, ValueError(f"missing field {e}"))
     return 0
 
 

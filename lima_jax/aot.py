@@ -2,7 +2,7 @@
 
 The TPU compiler (libtpu, the `tpu` extra) compiles against `jax.experimental.topologies` devices:
 nothing is allocated, no TPU is needed. The program is the one lima-train runs
-(`train.build_train_step`, built from the same gin files), so "fits" is about the real step.
+(`train_step.build_train_step`, built from the same gin files), so "fits" is about the real step.
 
 Slices map to topologies through one table. Devices per slice, as the compiler sees them here
 (checked with libtpu 0.0.52): a v4 chip is two devices (one per TensorCore, 16 GiB HBM each), a v5p
@@ -101,22 +101,23 @@ def parse_mesh(text: Optional[str], n_devices: int, batch_size: int) -> dict:
 
 
 def model_flops_per_step(config, batch_size: int, seq_len: int) -> float:
-    from lima_jax.train import model_flops_per_step as train_flops
+    from lima_jax.train_step import model_flops_per_step as train_flops
 
     return train_flops(config, batch_size, seq_len)
 
 
 def _configure(model: str, batch_size: int, seq_len: int, remat: Optional[str], extra_gin: list[str]):
     """The operative recipe and model config of gin/runs/lima_sft.gin for `model`, as lima-train sees them."""
-    from lima_jax import train
+    from lima_jax import gin_config, recipe
 
     bindings = [f"BATCH_SIZE={batch_size}", f"MAX_LEN={seq_len}", "INIT_CHECKPOINT=None", "DATA_DIR=None",
                 "TOKENIZER=None"] + list(extra_gin)
     if remat:
         bindings.append(f"model_config.remat_policy='{remat}'")
-    train.parse_gin([f"models/{model}.gin", "runs/lima_sft.gin"], bindings)
-    r = train.recipe()
-    config = train.model_config(platform="tpu")  # as lima-train builds it on the slice
+    # The loop's own settings (`train.*`: data, checkpoints) do not change the compiled step.
+    gin_config.parse([f"models/{model}.gin", "runs/lima_sft.gin"], bindings, skip_unknown=("train",))
+    r = recipe.recipe()
+    config = recipe.model_config(platform="tpu")  # as lima-train builds it on the slice
     # As trained: the EOT row appended by `lima-convert --add_eot`, rows padded to 128 for even sharding.
     config = config.replace(vocab_size=config.vocab_size + 1, vocab_padding_multiple=128)
     return r, config
@@ -126,11 +127,11 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
                  seq_len: int = 2048, remat: Optional[str] = None, step: str = "train",
                  extra_gin: Optional[list[str]] = None) -> dict:
     """Compiles the step for the slice and returns the report (see the issue's field list)."""
-    from lima_jax import mesh as mesh_lib, train
+    from lima_jax import mesh as mesh_lib, train_step
 
     s = get_slice(slice_name)
-    devices = topology_devices(s)
     r, config = _configure(model, batch_size, seq_len, remat, extra_gin or [])
+    devices = topology_devices(s)
     sizes = parse_mesh(mesh_text, len(devices), batch_size)
     mesh = mesh_lib.make_mesh(devices=devices, **sizes)
     rules, fsdp_axes = mesh_lib.logical_rules()
@@ -143,7 +144,7 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
     }
     try:
         if step == "train":
-            ts = train.build_train_step(config, r, mesh, rules, fsdp_axes, total_steps=1)
+            ts = train_step.build_train_step(config, r, mesh, rules, fsdp_axes, total_steps=1)
             lowered = ts.fn.lower(ts.abstract_state, ts.abstract_batch)
             report["model_flops_per_step"] = model_flops_per_step(config, batch_size, seq_len)
         elif step == "decode":

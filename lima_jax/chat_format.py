@@ -7,9 +7,9 @@ the turns so far (ending with a user turn); the model then writes the assistant 
 """
 from __future__ import annotations
 
-import json
 from typing import Optional, Sequence
 
+from lima_jax.jsonl import parse_object
 from lima_jax.tokenizer import Tokenizer
 
 
@@ -51,11 +51,9 @@ def parse_lima_line(text: str, path: str, lineno: int, prompts_only: bool) -> di
     def bad(problem):
         return InvalidLimaLine(path, lineno, problem)
     try:
-        row = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise bad(f"not JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise bad(f"expected a JSON object, got {type(row).__name__}")
+        row = parse_object(text)
+    except ValueError as e:
+        raise bad(str(e)) from None
     turns = row.get("conversations")
     if turns is None:
         raise bad('missing "conversations"')

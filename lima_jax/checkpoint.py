@@ -4,7 +4,7 @@ A converted checkpoint (written by `lima-convert hf-to-orbax`) is a folder with
     lima_config.json   the LlamaConfig (JSON)
     params/            an Orbax checkpoint of our parameter tree
     tokenizer.model    when the source had one
-A training model_dir holds `checkpoints/<step>/` written by an Orbax CheckpointManager (train.py).
+A training model_dir holds `checkpoints/<step>/` written by an Orbax CheckpointManager (model_dir.py).
 """
 from __future__ import annotations
 
@@ -15,11 +15,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from lima_jax import hf_io
-from lima_jax.config import LlamaConfig
+from lima_jax import hf_io, model_dir
+from lima_jax.config import CONFIG_FILE, LlamaConfig
 from lima_jax.language_model import LanguageModel, build_model
 
-CONFIG_FILE = "lima_config.json"
 PARAMS_DIR = "params"
 DTYPES = ("float32", "bfloat16")
 
@@ -30,7 +29,7 @@ def checkpoint_kind(path: str) -> str:
         raise FileNotFoundError(f"{path}: no such directory")
     if os.path.exists(os.path.join(path, CONFIG_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR)):
         return "converted"
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if os.path.isdir(os.path.join(path, model_dir.CHECKPOINTS)):
         return "model_dir"
     if os.path.exists(os.path.join(path, "config.json")):
         return "hf"
@@ -57,9 +56,7 @@ def load_pretrained(path: str, dtype: str = "float32", mesh: Optional[Mesh] = No
         config, params = restore_converted(path)
         config = config.replace(dtype=dtype, param_dtype=dtype)
     else:
-        from lima_jax.train import restore_model_dir_params  # training owns its checkpoint layout
-
-        config, params = restore_model_dir_params(path)
+        config, params = model_dir.restore_params(path)
         config = config.replace(dtype=dtype, param_dtype=dtype, residual_dropout=0.0)
     return LanguageModel(config, build_model(config, params, mesh), mesh)
 
@@ -89,6 +86,22 @@ def restore_params(directory: str, config: LlamaConfig) -> dict:
         target = hf_io.unflatten({p: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype) for p, m in flat_meta.items()})
         restored = ckptr.restore(os.path.abspath(directory), target)
     return jax.tree.map(np.asarray, restored)
+
+
+def require_converted(path: str) -> None:
+    """A clear error unless `path` is a converted checkpoint (what lima-train's INIT_CHECKPOINT must be)."""
+    if checkpoint_kind(path) != "converted":
+        raise ValueError(f"{path}: not a converted checkpoint ({CONFIG_FILE} + {PARAMS_DIR}/); "
+                         f"convert Hugging Face weights with `lima-convert hf-to-orbax` first")
+
+
+def restore_converted_params(path: str, target: dict) -> dict:
+    """A converted checkpoint's parameters restored into `target`'s shapes and shardings (each host
+    reads only its shards)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.abspath(os.path.join(path, PARAMS_DIR)), target)
 
 
 def restore_converted(path: str) -> tuple[LlamaConfig, dict]:

@@ -10,7 +10,8 @@ from typing import Any, Optional
 #        | {"rope_type": "llama3", "factor": f, "low_freq_factor": a, "high_freq_factor": b,
 #           "original_max_position_embeddings": n}
 ROPE_TYPES = ("linear", "llama3")
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")  # model.remat_policy maps them
+CONFIG_FILE = "lima_config.json"  # a LlamaConfig as JSON, in converted checkpoints and training model_dirs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,9 +20,9 @@ from typing import Callable, Optional
 import ml_dtypes
 import numpy as np
 
-from lima_jax import hf_io
-from lima_jax.checkpoint import CONFIG_FILE, PARAMS_DIR, checkpoint_kind
-from lima_jax.config import LlamaConfig
+from lima_jax import hf_io, model_dir
+from lima_jax.checkpoint import PARAMS_DIR, checkpoint_kind
+from lima_jax.config import CONFIG_FILE, LlamaConfig
 from lima_jax.safetensors_io import write_safetensors_lazy
 from lima_jax.tokenizer import EOT_PIECE, TOKENIZER_FILE, eot_id_for
 
@@ -268,11 +268,7 @@ def _load_source(ckpt_dir: str, step: Optional[int]):
                                  f"{params.meta[path][0]}, {CONFIG_FILE} implies {shape}")
         return config, params.get, params.meta, params.close
     if kind == "model_dir":
-        try:
-            from lima_jax.train import restore_model_dir_params
-        except ImportError as e:
-            raise RuntimeError(f"{ckpt_dir}: reading a training model_dir needs lima_jax.train ({e})") from None
-        config, tree = restore_model_dir_params(ckpt_dir, step=step)
+        config, tree = model_dir.restore_params(ckpt_dir, step=step)
         flat = {p: np.asarray(a) for p, a in hf_io.flatten(dict(tree)).items()}
         return config, flat.__getitem__, {p: (a.shape, a.dtype) for p, a in flat.items()}, lambda: None
     raise ValueError(f"{ckpt_dir}: is a Hugging Face folder already; expected a converted checkpoint "

@@ -3,7 +3,8 @@
 Sampling is a chain of small pure functions over (logits, tokens seen, settings), in the order
 transformers applies them: repetition penalty → temperature → top-k → top-p, then a draw.
 
-Two costs dominate on CPU and are avoided here (docs/ENVIRONMENT.md, "This CPU"):
+Two costs dominate on CPU and are avoided here (measured on a 2-core CPU, 58M LLaMA, batch 8: a
+`jnp.sort` of 8 × 32,000 logits took ~80 ms, twice the 8 layers' dense part):
 - a full-vocabulary sort per step for top-p: the nucleus cutoff is found among the top-K candidates
   when their mass reaches p (peaked distributions), otherwise by an exact bisection over the float
   order (flat distributions), both O(V) per pass;
@@ -24,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lima_jax import cpu_tuning
 from lima_jax.model import LAYER_CACHE_NAMES, STACKED_CACHE_NAMES, KVCache, Llama
 
 NUM_CANDIDATES = 64  # top-K candidates tried for top-p and for the draw before any full-vocabulary pass
@@ -288,23 +288,8 @@ def decode_step(model: Llama, state: DecodeState, settings: Settings, *, greedy:
     return _record(state, token, settings)
 
 
-def _per_layer_model(graphdef, params) -> Llama:
-    """The model with its layers unrolled over per-layer weight copies made once, before the loop.
-    XLA:CPU copies each layer's slice of the stacked weights at every use (~5 ms per step at 58M,
-    batch 8); copying once per call costs the layers' size in memory for the call's duration."""
-    config = nnx.merge(graphdef, params).config.replace(scan_layers=False)
-    unrolled, state = nnx.split(nnx.eval_shape(lambda: Llama(config)))
-    pure = nnx.to_pure_dict(params)
-    layers = [jax.tree.map(lambda a: a[i], pure["layers"]) for i in range(config.num_layers)]
-    layers = jax.lax.optimization_barrier(layers)  # materialised here, not re-sliced inside the loop
-    pure["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(unrolled, state)
-
-
-def _generate(graphdef, params, prompts, prompt_mask, limit, key, settings, *, max_new_tokens, greedy, top_k,
-              per_layer_weights=False):
-    model = _per_layer_model(graphdef, params) if per_layer_weights else nnx.merge(graphdef, params)
+def _generate(graphdef, params, prompts, prompt_mask, limit, key, settings, *, max_new_tokens, greedy, top_k):
+    model = nnx.merge(graphdef, params)
     state = start(model, prompts, prompt_mask, limit, key, settings, max_new_tokens=max_new_tokens,
                   greedy=greedy, top_k=top_k)
     state = jax.lax.while_loop(
@@ -313,8 +298,7 @@ def _generate(graphdef, params, prompts, prompt_mask, limit, key, settings, *, m
     return state.out, state.lengths, state.stopped
 
 
-_generate_jit = cpu_tuning.PlatformJit(
-    _generate, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "per_layer_weights"))
+_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k"))
 
 
 class Generation(NamedTuple):
@@ -372,7 +356,7 @@ def lower_generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
 
 def _generate_call(lm, prompts, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed,
                    stop_ids):
-    """(the jitted generation program for lm's platform, its arguments, its static keywords)."""
+    """(the jitted generation program, its arguments, its static keywords)."""
     config = lm.config
     stop_ids = default_stop_ids(config) if stop_ids is None else [int(s) for s in stop_ids]
     context = config.max_position_embeddings
@@ -383,11 +367,10 @@ def _generate_call(lm, prompts, max_new_tokens, greedy, temperature, top_p, top_
     tokens, mask = left_pad(prompts)
     settings = Settings(jnp.float32(temperature), jnp.float32(top_p), jnp.float32(repetition_penalty),
                         jnp.asarray(stop_ids + [-1], jnp.int32))
-    platform = lm.platform()
     args = (lm._graphdef, lm._state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(limit),
             jax.random.key(seed), settings)
-    static = dict(max_new_tokens=steps, greedy=bool(greedy), top_k=int(top_k), per_layer_weights=platform == "cpu")
-    return _generate_jit.on(platform), args, static
+    static = dict(max_new_tokens=steps, greedy=bool(greedy), top_k=int(top_k))
+    return _generate_jit, args, static
 
 
 def _check_settings(config, prompts, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty):

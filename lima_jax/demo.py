@@ -30,22 +30,26 @@ def _stage(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
 
 
+def read_scalars(tensorboard_dir: str, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one scalar lima-train wrote, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+
+    acc = EventAccumulator(tensorboard_dir, size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    if tag in acc.Tags().get("scalars", []):
+        return [(e.step, float(e.value)) for e in acc.Scalars(tag)]
+    return [(e.step, float(make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+
+
 def loss_curve(tensorboard_dir: str, png: str) -> list[tuple[int, float]]:
     """Reads the loss scalars lima-train wrote and plots them."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(tensorboard_dir, size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    if "loss" in acc.Tags().get("scalars", []):
-        points = [(e.step, float(e.value)) for e in acc.Scalars("loss")]
-    else:
-        import tensorflow as tf
-
-        points = [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors("loss")]
+    points = read_scalars(tensorboard_dir, "loss")
     fig = Figure(figsize=(6, 3.5))
     ax = fig.add_subplot()
     ax.plot([s for s, _ in points], [v for _, v in points], marker=".")
@@ -56,6 +60,13 @@ def loss_curve(tensorboard_dir: str, png: str) -> list[tuple[int, float]]:
     fig.tight_layout()
     atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=120))
     return points
+
+
+def _run(stage_main, argv: list[str]) -> None:
+    """One stage through its console script's main(argv); a failed stage ends the demo with its status."""
+    status = stage_main(argv)
+    if status:
+        raise SystemExit(status)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -70,9 +81,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from data_pipeline import cli as data_cli, demo_data
-    from lima_jax import convert, train
-    from lima_jax import eval_decoder  # noqa: F401  (gin configurables register before any gin parse)
-    from lima_jax.cli import convert as convert_cli, decode as decode_cli
+    from lima_jax import convert, model_dir
+    from lima_jax.cli import convert as convert_cli, decode as decode_cli, train as train_cli
 
     out = os.path.abspath(args.out)
     if args.fresh and os.path.exists(out):
@@ -88,35 +98,35 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     _stage("2/6 lima-data build")
     if not os.path.isdir(data_dir):
-        data_cli.main(["build", "--manual_dir", raw, "--data_dir", data_dir])
+        _run(data_cli.main, ["build", "--manual_dir", raw, "--data_dir", data_dir])
     else:
         print(f"reusing {os.path.relpath(data_dir)}")
 
     _stage(f"3/6 lima-train --gin_file=gin/runs/demo.gin (NUM_EPOCHS={args.epochs}, MAX_LEN={args.max_len})")
     bindings = [f"DATA_DIR='{data_dir}'", f"TOKENIZER='{tokenizer}'", f"NUM_EPOCHS={args.epochs}",
                 f"MAX_LEN={args.max_len}"]
-    metrics = train.main(["--gin_file", os.path.join(train.GIN_ROOT, "runs", "demo.gin"), "--model_dir", run_dir]
-                         + [arg for b in bindings for arg in ("--gin_bindings", b)])
+    _run(train_cli.main, ["--gin_file", "runs/demo.gin", "--model_dir", run_dir]
+         + [arg for b in bindings for arg in ("--gin_bindings", b)])
     shutil.copyfile(tokenizer, os.path.join(run_dir, "tokenizer.model"))  # the run is self-contained
-    points = loss_curve(os.path.join(run_dir, "tensorboard"), os.path.join(out, "loss.png"))
+    points = loss_curve(os.path.join(run_dir, model_dir.TENSORBOARD), os.path.join(out, "loss.png"))
 
     _stage("4/6 lima-convert orbax-to-hf (last checkpoint -> Hugging Face safetensors)")
-    convert_cli.main(["orbax-to-hf", run_dir, hf_dir, "--overwrite"])
+    _run(convert_cli.main, ["orbax-to-hf", run_dir, hf_dir, "--overwrite"])
     check = convert.verify(hf_dir, run_dir, batch=2, length=24)  # transformers loads the export
     print(f"transformers LlamaForCausalLM.from_pretrained({os.path.relpath(hf_dir)}): max |logit diff| "
           f"{check['max_abs_diff']:.2e}, KL {check['kl']:.1e}")
 
     _stage("5/6 lima-decode on the demo test prompts (p 0.9, T 0.7, repetition penalty 1.2)")
-    decode_cli.main(["--checkpoint", run_dir, "--prompts", files["test.jsonl"], "--output", responses,
-                     "--tokenizer", tokenizer, "--max_new_tokens", str(args.max_new_tokens)])
+    _run(decode_cli.main, ["--checkpoint", run_dir, "--prompts", files["test.jsonl"], "--output", responses,
+                           "--tokenizer", tokenizer, "--max_new_tokens", str(args.max_new_tokens)])
 
     _stage("6/6 summary")
     with open(responses, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     first, last = points[0][1], points[-1][1]
-    print(f"trained {points[-1][0]} steps: loss {first:.3f} -> {last:.3f} (final metrics: "
-          f"{', '.join(f'{k} {v:.4g}' for k, v in sorted(metrics.items()) if k in ('accuracy', 'lr'))})")
-    print(f"checkpoints (one per epoch): steps {', '.join(str(s) for s in train.list_checkpoint_steps(run_dir))}")
+    accuracy = read_scalars(os.path.join(run_dir, model_dir.TENSORBOARD), "accuracy")[-1][1]
+    print(f"trained {points[-1][0]} steps: loss {first:.3f} -> {last:.3f}, final accuracy {accuracy:.3f}")
+    print(f"checkpoints (one per epoch): steps {', '.join(str(s) for s in model_dir.list_checkpoint_steps(run_dir))}")
     print(f"HF export: {os.path.relpath(hf_dir)} ({', '.join(sorted(os.listdir(hf_dir)))})")
     print(f"{len(rows)} responses in {os.path.relpath(responses)}; the first:")
     if rows:

@@ -193,17 +193,17 @@ def epoch_output_path(output: str, epoch: int) -> str:
 
 def epoch_models(model_dir: str, epochs: Sequence[int], dtype: str = "float32", mesh=None) -> Iterator[tuple]:
     """(epoch, step, LanguageModel) for each requested end-of-epoch checkpoint of a training model_dir,
-    one model in memory at a time. Uses train.py's checkpoint interface (epoch_steps, restore)."""
-    from lima_jax import train
+    one model in memory at a time."""
+    from lima_jax import model_dir as model_dir_lib
     from lima_jax.language_model import LanguageModel, build_model
 
-    steps = train.epoch_steps(model_dir)
+    steps = model_dir_lib.epoch_steps(model_dir)
     missing = [e for e in epochs if e not in steps]
     if missing:
         raise ValueError(f"{model_dir}: no end-of-epoch checkpoint for epoch(s) {missing}; "
                          f"epochs present: {sorted(steps)}")
     for epoch in epochs:
-        config, params = train.restore_model_dir_params(model_dir, steps[epoch])
+        config, params = model_dir_lib.restore_params(model_dir, steps[epoch])
         config = config.replace(dtype=dtype, param_dtype=dtype, residual_dropout=0.0)
         yield epoch, steps[epoch], LanguageModel(config, build_model(config, params, mesh), mesh)
 
@@ -230,9 +230,9 @@ def resolve_tokenizer(checkpoint: str, tokenizer: Optional[str]) -> Tokenizer:
 
 def load_settings(gin_files: Sequence[str], gin_bindings: Sequence[str], overrides: dict) -> dict:
     """decode_settings() after parsing gin (default: gin/runs/lima_decode.gin), then flags that were given."""
-    from lima_jax.train import parse_gin
+    from lima_jax import gin_config
 
-    parse_gin(list(gin_files) or [DEFAULT_GIN], list(gin_bindings))
+    gin_config.parse(list(gin_files) or [DEFAULT_GIN], list(gin_bindings))
     settings = decode_settings()
     settings.update({k: v for k, v in overrides.items() if v is not None})
     return settings

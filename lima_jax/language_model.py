@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from lima_jax import cpu_tuning, sharding
+from lima_jax import sharding
 from lima_jax.config import LlamaConfig
 from lima_jax.model import Llama
 
@@ -40,7 +40,7 @@ def _forward_logits(graphdef, state, tokens, attention_mask):
     return nnx.merge(graphdef, state)(tokens, attention_mask).logits
 
 
-_forward_logits_jit = cpu_tuning.PlatformJit(_forward_logits, static_argnums=0)
+_forward_logits_jit = jax.jit(_forward_logits, static_argnums=0)
 
 
 class LanguageModel:
@@ -68,8 +68,7 @@ class LanguageModel:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {tokens.min()}..{tokens.max()}")
         mask = np.ones_like(tokens, bool) if attention_mask is None else np.asarray(attention_mask, bool)
         with self._rules():
-            forward = _forward_logits_jit.on(self.platform())
-            out = forward(self._graphdef, self._state, jnp.asarray(tokens), jnp.asarray(mask))
+            out = _forward_logits_jit(self._graphdef, self._state, jnp.asarray(tokens), jnp.asarray(mask))
         return np.asarray(out[..., : self.config.vocab_size], np.float32)
 
     def generate(self, prompts, max_new_tokens: int = 2048, greedy: bool = False, temperature: float = 0.7,
@@ -82,10 +81,6 @@ class LanguageModel:
         return decoding.generate(self, prompts, max_new_tokens, greedy=greedy, temperature=temperature,
                                  top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
                                  stop_ids=stop_ids).tokens
-
-    def platform(self) -> str:
-        """Where the parameters live ("cpu", "tpu", ...): picks the compiled calls' options."""
-        return jax.default_backend() if self.mesh is None else self.mesh.devices.flat[0].platform
 
     def _rules(self):
         return contextlib.nullcontext() if self.mesh is None else sharding.use_rules(self.mesh, self.rules)

@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lima_jax import cpu_gemm
 from lima_jax.attention import causal_attention
 from lima_jax.config import LlamaConfig
 from lima_jax.sharding import constrain, gather_layer_params
@@ -177,15 +176,9 @@ class Attention(nnx.Module):
 
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """[B, T, I] @ [I, O] as one 2-D matmul over B·T rows: XLA:CPU runs plain matrix products (and
-    their gradients) far faster than dots with several batch or contracting dimensions. Where
-    `cpu_gemm.layers_enabled()` (one-device CPU training with MKL), float32 ones run through MKL."""
+    their gradients) far faster than dots with several batch or contracting dimensions."""
     b, t, i = x.shape
-    x = x.reshape(b * t, i)
-    if cpu_gemm.layers_enabled() and x.dtype == w.dtype == jnp.float32:
-        out = cpu_gemm.matmul(x, w, blas=True)
-    else:
-        out = x @ w
-    return out.reshape(b, t, w.shape[-1])
+    return (x.reshape(b * t, i) @ w).reshape(b, t, w.shape[-1])
 
 
 def _project(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -263,11 +256,9 @@ class DecoderLayer(nnx.Module):
         return constrain(x, ("batch", "length", "act_embed")), new_kv
 
 
-_REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+def remat_policy(name: str):
+    """jax.checkpoint's policy for a config.REMAT_POLICIES name ("full" saves nothing: None)."""
+    return None if name == "full" else getattr(jax.checkpoint_policies, "checkpoint_" + name)
 
 
 class Llama(nnx.Module):
@@ -330,14 +321,12 @@ class Llama(nnx.Module):
         return ModelOutput(logits, new_cache, hidden)
 
     def _lm_head(self, x: jax.Array) -> jax.Array:
-        """[B, T, E] → float32 logits [B, T, V], as one 2-D matmul over the B·T rows. In one-device CPU
-        training (cpu_gemm.enabled) the product and its gradients run through the BLAS: ~10% faster
-        than XLA's for this wide shape (measured forward + backward, OpenBLAS on an EPYC)."""
+        """[B, T, E] → float32 logits [B, T, V], as one 2-D matmul over the B·T rows."""
         b, t, e = x.shape
         x = x.reshape(b * t, e)
         tied = self.config.tie_word_embeddings  # contract with the table's embed axis; no transposed copy
         head = (self.embed if tied else self.lm_head)[...].astype(x.dtype)
-        logits = cpu_gemm.matmul(x, head, transpose_w=tied, blas=cpu_gemm.is_enabled())
+        logits = jnp.einsum("te,ve->tv" if tied else "te,ev->tv", x, head, preferred_element_type=jnp.float32)
         return logits.reshape(b, t, -1)
 
     def _run_layers(self, x, cos, sin, mask, dropout_key, cache, cache_index, return_hidden_states):
@@ -353,7 +342,7 @@ class Llama(nnx.Module):
             return layer(x, cos, sin, mask, rates[layer_index], key, kv, cache_index)
 
         if cfg.remat_policy != "none":
-            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[cfg.remat_policy])
+            one_layer = jax.checkpoint(one_layer, policy=remat_policy(cfg.remat_policy))
 
         hidden = [x] if return_hidden_states else None
         if cfg.scan_layers:
@@ -408,3 +397,9 @@ def param_logical_names(model: nnx.Module) -> dict:
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         out[tuple(str(p) for p in path)] = var.get_metadata().get("out_sharding")
     return out
+
+
+def abstract_params(config: LlamaConfig) -> dict:
+    """The parameter tree (nnx.to_pure_dict layout) as ShapeDtypeStructs, nothing materialised."""
+    state = nnx.state(nnx.eval_shape(lambda: Llama(config)))
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(state))

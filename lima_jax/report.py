@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lima_jax.atomic import atomic_write, atomic_write_text
+from lima_jax.jsonl import parse_object
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -49,11 +50,9 @@ def _read_jsonl(path: str):
             if not text.strip():
                 continue
             try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ReportInputError(f"{path}:{lineno}: not JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ReportInputError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                row = parse_object(text)
+            except ValueError as e:
+                raise ReportInputError(f"{path}:{lineno}: {e}") from None
             seen = True
             yield lineno, row
     if not seen:
@@ -115,32 +114,32 @@ def _group(row, fields, path, lineno, expected):
     return present, name or "all"
 
 
-def read_audit(path: str) -> dict:
-    """{group: {prompt_id: [label, ...]}} from lines {prompt_id, label, model?}."""
+def _read_judgements(path: str, field: str, kinds: tuple, what: str, allowed, not_allowed, group_fields) -> dict:
+    """{group: {prompt_id: [value, ...]}} from lines {prompt_id, <field>, <group_fields>?}: each value
+    of one of `kinds` (else "must be <what>") and in `allowed` (else `not_allowed(value)`)."""
     groups: dict = {}
     expected = None
     for lineno, row in _read_jsonl(path):
         prompt_id = _prompt_id(row, path, lineno)
-        label = _field(row, "label", path, lineno, (str,), '"fail", "pass" or "excellent"')
-        if label not in AUDIT_LABELS:
-            raise ReportInputError(f'{path}:{lineno}: bad label {json.dumps(label)}; expected "fail", "pass" or "excellent"')
-        expected, name = _group(row, ("model",), path, lineno, expected)
-        groups.setdefault(name, {}).setdefault(prompt_id, []).append(label)
+        value = _field(row, field, path, lineno, kinds, what)
+        if value not in allowed:
+            raise ReportInputError(f"{path}:{lineno}: {not_allowed(value)}")
+        expected, name = _group(row, group_fields, path, lineno, expected)
+        groups.setdefault(name, {}).setdefault(prompt_id, []).append(value)
     return groups
+
+
+def read_audit(path: str) -> dict:
+    """{group: {prompt_id: [label, ...]}} from lines {prompt_id, label, model?}."""
+    labels = '"fail", "pass" or "excellent"'
+    return _read_judgements(path, "label", (str,), labels, AUDIT_LABELS,
+                            lambda v: f"bad label {json.dumps(v)}; expected {labels}", ("model",))
 
 
 def read_likert(path: str) -> dict:
     """{group: {prompt_id: [score, ...]}} from lines {prompt_id, score 1-6, model? condition?}."""
-    groups: dict = {}
-    expected = None
-    for lineno, row in _read_jsonl(path):
-        prompt_id = _prompt_id(row, path, lineno)
-        score = _field(row, "score", path, lineno, (int,), "an integer from 1 to 6")
-        if score not in LIKERT_SCORES:
-            raise ReportInputError(f"{path}:{lineno}: score {score} is outside 1-6")
-        expected, name = _group(row, ("model", "condition"), path, lineno, expected)
-        groups.setdefault(name, {}).setdefault(prompt_id, []).append(score)
-    return groups
+    return _read_judgements(path, "score", (int,), "an integer from 1 to 6", LIKERT_SCORES,
+                            lambda v: f"score {v} is outside 1-6", ("model", "condition"))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -367,29 +366,26 @@ def load_template(name: str) -> str:
 
 # ----------------------------------------------------------------------------- commands
 
+def _publish(report: dict, json_path, plot_path, plot, table) -> str:
+    """Writes the optional JSON and plot (`plot(report, path)`); returns `table(report)` to print."""
+    if json_path:
+        write_json(report, json_path)
+    if plot_path:
+        plot(report, plot_path)
+    return table(report)
+
+
 def run_preferences(path, model, json_path=None, plot_path=None, n_bootstrap=1000, seed=0) -> str:
     """Read, report, write the optional JSON and plot; returns the table to print."""
     report = preference_report(read_preferences(path, model), n_bootstrap, seed)
-    if json_path:
-        write_json(report, json_path)
-    if plot_path:
-        plot_preferences(report, model, plot_path)
-    return preferences_table(report, model)
+    return _publish(report, json_path, plot_path, lambda r, p: plot_preferences(r, model, p),
+                    lambda r: preferences_table(r, model))
 
 
 def run_audit(path, json_path=None, plot_path=None, n_bootstrap=1000, seed=0) -> str:
-    report = audit_report(read_audit(path), n_bootstrap, seed)
-    if json_path:
-        write_json(report, json_path)
-    if plot_path:
-        plot_audit(report, plot_path)
-    return audit_table(report)
+    return _publish(audit_report(read_audit(path), n_bootstrap, seed), json_path, plot_path, plot_audit, audit_table)
 
 
 def run_likert(path, json_path=None, plot_path=None, n_bootstrap=1000, seed=0) -> str:
-    report = likert_report(read_likert(path), n_bootstrap, seed)
-    if json_path:
-        write_json(report, json_path)
-    if plot_path:
-        plot_likert(report, plot_path)
-    return likert_table(report)
+    return _publish(likert_report(read_likert(path), n_bootstrap, seed), json_path, plot_path, plot_likert,
+                    likert_table)

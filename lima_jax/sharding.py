@@ -76,7 +76,7 @@ def gather_layer_params(layer_state):
     """All-gathers one layer's parameters (an nnx.State sliced from the stacked layers) over the active
     fsdp_axes, with shard_map + all_gather, so XLA materialises one layer's full weights at a time. A
     plain sharding constraint inside the scan is not enough: XLA then gathers every layer's weights at
-    once (docs/ENVIRONMENT.md). The gradient of the gather is a per-layer reduce-scatter. No-op
+    once (a 65B step on 256 TPU devices asked for 28 GiB of temporaries, against 1.35 GiB this way). The gradient of the gather is a per-layer reduce-scatter. No-op
     outside `use_rules(..., fsdp_axes=...)`."""
     if not _active or not _active[-1][2]:
         return layer_state

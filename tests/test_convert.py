@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import ml_dtypes
 import numpy as np
@@ -242,8 +241,8 @@ def test_verify_passes_on_a_conversion_and_fails_on_other_weights(tmp_path, caps
 
 # ---- training model_dir source ----------------------------------------------------------------------
 def test_orbax_to_hf_from_a_training_model_dir(tmp_path, monkeypatch):
-    """A model_dir is read through train.restore_model_dir_params (owned by training); --step reaches it."""
-    import types
+    """A model_dir is read through model_dir.restore_params (the layout's one reader); --step reaches it."""
+    from lima_jax import model_dir as model_dir_lib
 
     _, src = save_hf(tmp_path, "src")
     ckpt = str(tmp_path / "ckpt")
@@ -252,12 +251,11 @@ def test_orbax_to_hf_from_a_training_model_dir(tmp_path, monkeypatch):
     (model_dir / "checkpoints" / "7").mkdir(parents=True)
     calls = []
 
-    def restore_model_dir_params(path, step=None):
+    def restore_params(path, step=None):
         calls.append((path, step))
         return restore_converted(ckpt)
 
-    monkeypatch.setitem(sys.modules, "lima_jax.train", types.SimpleNamespace(
-        restore_model_dir_params=restore_model_dir_params))
+    monkeypatch.setattr(model_dir_lib, "restore_params", restore_params)
     out = str(tmp_path / "out")
     assert main(["orbax-to-hf", str(model_dir), out, "--step", "7"]) == 0
     assert calls == [(str(model_dir), 7)]

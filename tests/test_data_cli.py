@@ -4,8 +4,6 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
-
 import lima_jax
 from data_pipeline import demo_data
 from data_pipeline.cli import main
@@ -18,9 +16,7 @@ def test_build_error_is_one_line_with_status_2(tmp_path, capsys):
     manual.mkdir()
     (manual / "train.jsonl").write_text('{"conversations": ["Q", "A"], "source": "authors"}\n'
                                         '{"conversations": ["Q", "A"], "source": "forum"}\n')
-    with pytest.raises(SystemExit) as exit_info:
-        main(["build", "--manual_dir", str(manual), "--data_dir", str(tmp_path / "data")])
-    assert exit_info.value.code == 2
+    assert main(["build", "--manual_dir", str(manual), "--data_dir", str(tmp_path / "data")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"lima-data: error: {manual / 'train.jsonl'}:2: unknown source 'forum'; expected one of " \
                   "stackexchange, authors, wikihow, nlp, writingprompts, multi_turn"
@@ -84,7 +80,5 @@ def test_curate_commands_write_jsonl_and_report_drops(tmp_path, capsys):
     assert "dropped by not_wp: 1" in printed and "wrote 1 pairs" in printed
     [row] = [json.loads(line) for line in open(out)]
     assert row["source"] == "writingprompts" and row["conversations"][0] == "A prompt."
-    with pytest.raises(SystemExit) as exit_info:
-        main(["curate", "natinst", "--tasks", str(tmp_path / "missing"), "--out", str(out)])
-    assert exit_info.value.code == 2
+    assert main(["curate", "natinst", "--tasks", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("lima-data: error: ")

@@ -200,6 +200,17 @@ def _computations(hlo: str) -> dict:
     return {m.group(1): m.group(2) for m in re.finditer(r"^(?:ENTRY )?%?([\w.\-]+) \(.*?\{\n(.*?)^\}", hlo, re.S | re.M)}
 
 
+def _called(computations: dict, name: str) -> set:
+    """`name` and every computation it calls, transitively (fusions, loops, branches)."""
+    inside, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current not in inside:
+            inside.add(current)
+            todo += re.findall(r"(?:calls|body|condition|to_apply)=%?([\w.\-]+)", computations[current])
+    return inside
+
+
 def _elements(shape: str) -> int:
     return int(np.prod([int(n) for n in shape.split(",") if n])) if shape else 1
 
@@ -208,15 +219,16 @@ def test_decode_loop_writes_and_reads_the_kv_cache_in_place():
     """No copy of a layer's keys or values per generated token: inside the compiled loop, every array
     the size of a layer's cache buffer is a loop-carried buffer or an in-place slot write. (Reading a
     layer out of stacked buffers copied it at every step on CPU; buffers that XLA could not update in
-    place were copied whole.)"""
-    lm = _toy_lm()
+    place were copied whole.) With the unrolled layer loop's per-layer buffers."""
+    lm = _toy_lm(scan_layers=False)
     cfg = lm.config
     prompts = [[1, 2, 3], [4, 5], [6]]
     steps = 7
     hlo = decoding.lower_generate(lm, prompts, steps).compile().as_text()
     computations = _computations(hlo)
     bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
-    loop = max(bodies, key=lambda name: computations[name].count(" dot("))  # the token loop, not the sampler's
+    # The token loop, not the sampler's: the one whose computations (with those it calls) hold the dots.
+    loop = max(bodies, key=lambda name: sum(computations[c].count(" dot(") for c in _called(computations, name)))
     layer_elements = 3 * cfg.num_kv_heads * (decoding.left_pad(prompts)[0].shape[1] + steps) * cfg.head_dim
     sized = []
     for shape, op, rest in re.findall(r"= \w+\[([\d,]*)\]\S* ([\w-]+)\((.*)", computations[loop]):
@@ -229,10 +241,5 @@ def test_decode_loop_writes_and_reads_the_kv_cache_in_place():
                 assert op in ("get-tuple-element", "bitcast", "parameter", "tuple"), op
     assert sized.count("fusion") == 2 * cfg.num_layers  # each layer writes its keys and values
     # The RoPE table depends on the cache length only: computed before the loop, not at every token.
-    inside, todo = set(), [loop]
-    while todo:
-        name = todo.pop()
-        if name not in inside:
-            inside.add(name)
-            todo += re.findall(r"calls=%?([\w.\-]+)", computations[name])
+    inside = _called(computations, loop)
     assert not any(" cosine(" in computations[name] or " sine(" in computations[name] for name in inside)

@@ -102,9 +102,7 @@ def test_killed_run_resumes_to_the_same_file(checkpoint, tmp_path):
 def test_malformed_prompt_line_is_a_file_line_error(checkpoint, tmp_path, capsys):
     prompts = tmp_path / "bad.jsonl"
     prompts.write_text('{"conversations": ["hi"]}\n\n{"conversations": ["a", "b"]}\n')
-    with pytest.raises(SystemExit) as exc:
-        decode_cli.main(_args(checkpoint, prompts, tmp_path / "out.jsonl"))
-    assert exc.value.code == 2
+    assert decode_cli.main(_args(checkpoint, prompts, tmp_path / "out.jsonl")) == 2
     assert f"{prompts}:3: a prompt needs an odd number of turns" in capsys.readouterr().err
     for text, what in [('{"conversations": ["hi"]\n', "not JSON"), ("[1]\n", "expected a JSON object"),
                        ('{"conversations": []}\n', 'empty "conversations"'), ('{"conversations": [" "]}\n', "empty"),

@@ -244,18 +244,14 @@ def test_bad_input_is_one_line_naming_file_and_line(tmp_path, capsys, command, l
     path = write_jsonl(tmp_path / "bad.jsonl", lines)
     out_json = str(tmp_path / "out.json")
     argv = [command, path, "--json", out_json] + (["--model", "LIMA"] if command == "preferences" else [])
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"lima-report: error: {path}{message}")
     assert not os.path.exists(out_json)
 
 
 def test_missing_file(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["likert", str(tmp_path / "nope.jsonl")])
-    assert e.value.code == 2
+    assert main(["likert", str(tmp_path / "nope.jsonl")]) == 2
     assert capsys.readouterr().err.startswith(f"lima-report: error: {tmp_path / 'nope.jsonl'}: cannot read")
 
 

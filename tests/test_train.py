@@ -3,7 +3,7 @@
 The runs are shared (module fixtures): one uninterrupted 1-device run in this process is the reference
 for the resumed run; one 8-fake-device run (subprocess: the device count is fixed at JAX import) is the
 reference for the two-process run. All use tests/train_fake.gin (tiny model, float32, 3 epochs of 3
-steps, batch 8 × 32, 2 microbatches, dropout on) on tests/train_fakes.ArrayInput.
+steps, batch 8 × 32, 2 microbatches, dropout on) on the ArrayInput of tests/train_fakes.py.
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ import jax
 import numpy as np
 import pytest
 
-from lima_jax import train
+from lima_jax import gin_config, mesh as mesh_lib, model_dir as mdir, recipe as recipe_lib, train_step
+from lima_jax import train  # noqa: F401  (the loop's gin configurable: gin/runs/lima_sft.gin binds train.*)
+from lima_jax.cli import train as train_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_GIN = os.path.join(ROOT, "tests", "train_fake.gin")
@@ -35,7 +37,7 @@ def _env(devices: int, **extra) -> dict:
 
 
 def _cmd(model_dir, *extra) -> list[str]:
-    return [sys.executable, "-m", "lima_jax.train", f"--gin_file={FAKE_GIN}", f"--model_dir={model_dir}", *extra]
+    return [sys.executable, "-m", "lima_jax.cli.train", f"--gin_file={FAKE_GIN}", f"--model_dir={model_dir}", *extra]
 
 
 def _run(cmd, env, timeout=240):
@@ -45,11 +47,13 @@ def _run(cmd, env, timeout=240):
 
 
 def _scalars(model_dir: str, tag: str) -> dict[int, float]:
+    """One scalar's {step: value}, read back by TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
 
-    acc = EventAccumulator(os.path.join(model_dir, "tensorboard"))
+    acc = EventAccumulator(os.path.join(model_dir, mdir.TENSORBOARD), size_guidance={"tensors": 0})
     acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
+    return {e.step: float(make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -71,7 +75,7 @@ def run_1dev(tmp_path_factory):
     """The uninterrupted reference run, in this process (one CPU device)."""
     assert jax.device_count() == 1, "the reference run expects this process to see one device"
     model_dir = str(tmp_path_factory.mktemp("one") / "run")
-    train.main([f"--gin_file={FAKE_GIN}", f"--model_dir={model_dir}"])
+    assert train_cli.main([f"--gin_file={FAKE_GIN}", f"--model_dir={model_dir}"]) == 0
     return model_dir
 
 
@@ -84,14 +88,14 @@ def run_8dev(tmp_path_factory):
 
 # ---- the recipe ---------------------------------------------------------------------------------
 def _parse(*files, bindings=()):
-    train.parse_gin([os.path.join(ROOT, "gin", f) for f in files], list(bindings))
+    gin_config.parse([os.path.join(ROOT, "gin", f) for f in files], list(bindings))
 
 
 def test_lima_sft_recipe_has_the_papers_values():
     _parse("models/llama_65b.gin", "meshes/single.gin", "runs/lima_sft.gin",
            bindings=["INIT_CHECKPOINT='/ckpt'", "DATA_DIR='/data'", "TOKENIZER='/ckpt/tokenizer.model'"])
-    r = train.recipe()
-    config = train.model_config()
+    r = recipe_lib.recipe()
+    config = recipe_lib.model_config()
     operative = gin.operative_config_str()
     assert (r.b1, r.b2, r.weight_decay) == (0.9, 0.95, 0.1)
     assert (r.learning_rate, r.final_learning_rate, r.warmup_steps) == (1e-5, 1e-6, 0)
@@ -106,7 +110,7 @@ def test_lima_sft_recipe_has_the_papers_values():
     assert gin.query_parameter("MIXTURE/macro.value") == "lima_1k"
     # LR: 1e-5 at the first step, 1e-6 at the last, linear in between (LIMA: 1000 examples, batch 32).
     total = r.num_epochs * -(-1000 // r.batch_size)
-    schedule = train.learning_rate_schedule(r, total)
+    schedule = recipe_lib.learning_rate_schedule(r, total)
     assert float(schedule(0)) == pytest.approx(1e-5, rel=1e-6)
     assert float(schedule(total - 1)) == pytest.approx(1e-6, rel=1e-5)
     assert float(schedule(total // 2)) == pytest.approx(1e-5 + (1e-6 - 1e-5) * (total // 2) / (total - 1), rel=1e-5)
@@ -118,12 +122,12 @@ def test_lima_sft_recipe_has_the_papers_values():
 
 def test_layers_are_scanned_on_accelerators_and_unrolled_on_cpu():
     # An unset scan_layers follows the platform lima-train runs on; an explicit value always wins.
-    assert train.model_config(preset="tiny", platform="tpu").scan_layers is True
-    assert train.model_config(preset="tiny", platform="cpu").scan_layers is False
-    assert train.model_config(preset="tiny", platform="cpu", scan_layers=True).scan_layers is True
+    assert recipe_lib.model_config(preset="tiny", platform="tpu").scan_layers is True
+    assert recipe_lib.model_config(preset="tiny", platform="cpu").scan_layers is False
+    assert recipe_lib.model_config(preset="tiny", platform="cpu", scan_layers=True).scan_layers is True
     _parse("models/llama_65b.gin", "meshes/single.gin", "runs/lima_sft.gin",
            bindings=["INIT_CHECKPOINT=None", "DATA_DIR=None", "TOKENIZER=None"])
-    assert train.model_config(platform="tpu").scan_layers is True  # what lima-aot compiles for pods
+    assert recipe_lib.model_config(platform="tpu").scan_layers is True  # what lima-aot compiles for pods
     gin.clear_config()
 
 
@@ -131,10 +135,10 @@ def test_optimizer_is_adamw_with_the_recipe(tmp_path):
     """One step of our optimizer equals optax.adamw's (no decay on norm scales)."""
     import optax
 
-    r = train.Recipe(1, 8, 32, 1e-5, 1e-6, 0, 0.9, 0.95, 0.1, 1, 0)
+    r = recipe_lib.Recipe(1, 8, 32, 1e-5, 1e-6, 0, 0.9, 0.95, 0.1, 1, 0)
     params = {"w": np.ones((2, 2), np.float32), "norm": {"scale": np.ones(2, np.float32)}}
     grads = jax.tree.map(lambda p: 0.5 * p, params)
-    updates, _ = train.make_optimizer(r, 10).update(grads, train.make_optimizer(r, 10).init(params), params)
+    updates, _ = recipe_lib.make_optimizer(r, 10).update(grads, recipe_lib.make_optimizer(r, 10).init(params), params)
     ref, _ = optax.adamw(1e-5, b1=0.9, b2=0.95, weight_decay=0.1).update(
         grads["w"], optax.adamw(1e-5).init(params["w"]), params["w"])
     np.testing.assert_allclose(updates["w"], ref, rtol=1e-6)
@@ -143,7 +147,7 @@ def test_optimizer_is_adamw_with_the_recipe(tmp_path):
 
 def test_token_loss_is_masked_mean():
     logits = np.log(np.asarray([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]], np.float32))
-    loss, correct, weight = train.token_loss(logits, np.asarray([[0, 2]]), np.asarray([[1.0, 0.0]]))
+    loss, correct, weight = train_step.token_loss(logits, np.asarray([[0, 2]]), np.asarray([[1.0, 0.0]]))
     assert float(loss / weight) == pytest.approx(-np.log(0.5), rel=1e-6)
     assert float(correct) == 1.0 and float(weight) == 1.0
 
@@ -154,30 +158,24 @@ def test_token_loss_counts_argmax_hits_as_correct():
     targets = rng.integers(0, 11, (3, 6))
     targets[:, ::2] = logits.argmax(-1)[:, ::2]  # half the positions are hits
     weights = rng.integers(0, 2, (3, 6)).astype(np.float32)
-    _, correct, _ = train.token_loss(logits, targets, weights)
+    _, correct, _ = train_step.token_loss(logits, targets, weights)
     assert float(correct) == float(np.sum((logits.argmax(-1) == targets) * weights)) > 0
 
 
-def test_grad_norm_equals_optax_and_is_a_plain_sum_in_train_steps():
+def test_grad_norm_equals_optax():
     import optax
-
-    from lima_jax import cpu_tuning
 
     rng = np.random.default_rng(0)
     grads = {"w": rng.standard_normal((64, 512)).astype(np.float32), "b": rng.standard_normal((3, 7)).astype(np.float32)}
-    fn = jax.jit(train.grad_norm, compiler_options=cpu_tuning.compiler_options("cpu", training=True))
-    assert float(fn(grads)) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-6)
-    # Train steps compile without XLA:CPU's tree-reduction rewrite, whose 2-D reduce-window read the
-    # [64, 512] leaf ~8x slower than this plain reduce.
-    assert "reduce-window" not in fn.lower(grads).compile().as_text()
+    assert float(jax.jit(train_step.grad_norm)(grads)) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-6)
 
 
 # ---- a run, its outputs, its resume -------------------------------------------------------------
 def test_run_trains_checkpoints_per_epoch_and_saves_operative_config(run_1dev):
-    steps = train.list_checkpoint_steps(run_1dev)
+    steps = mdir.list_checkpoint_steps(run_1dev)
     assert steps == [3, 6, 9]
-    assert train.epoch_steps(run_1dev) == {1: 3, 2: 6, 3: 9}
-    operative = open(os.path.join(run_1dev, train.OPERATIVE_CONFIG)).read()
+    assert mdir.epoch_steps(run_1dev) == {1: 3, 2: 6, 3: 9}
+    operative = open(os.path.join(run_1dev, mdir.OPERATIVE_CONFIG)).read()
     assert "NUM_EPOCHS = 3" in operative and "recipe.grad_accum_steps = 2" in operative
     loss = _scalars(run_1dev, "loss")
     assert sorted(loss) == list(range(1, TOTAL_STEPS + 1))
@@ -189,11 +187,30 @@ def test_run_trains_checkpoints_per_epoch_and_saves_operative_config(run_1dev):
     # lima_jax.load_pretrained(model_dir) gives the latest params.
     import lima_jax
 
-    config, params = train.restore_model_dir_params(run_1dev)
+    config, params = mdir.restore_params(run_1dev)
     lm = lima_jax.load_pretrained(run_1dev)
     np.testing.assert_allclose(lm.logits(TOKENS), _logits(config, params, TOKENS), atol=1e-6)
-    _, first = train.restore_model_dir_params(run_1dev, step=3)
+    _, first = mdir.restore_params(run_1dev, step=3)
     assert _max_diff(first, params) > 1e-4
+
+
+def test_tensorboard_scalars_read_back_by_tensorflow_too(run_1dev):
+    """The event file lima-train writes holds scalar summaries (TensorBoard's scalars plugin) that
+    TensorFlow's own event reader reads to the same values as TensorBoard's."""
+    import glob
+
+    import tensorflow as tf
+    from tensorboard.util.tensor_util import make_ndarray
+
+    [events] = glob.glob(os.path.join(run_1dev, mdir.TENSORBOARD, "events.out.tfevents.*"))
+    values, plugins = {}, {}
+    for event in tf.compat.v1.train.summary_iterator(events):
+        for v in event.summary.value:
+            values.setdefault(v.tag, {})[event.step] = float(make_ndarray(v.tensor))
+            plugins.setdefault(v.tag, set()).add(v.metadata.plugin_data.plugin_name)
+    assert {"loss", "accuracy", "lr", "grad_norm", "tokens_per_s", "step_time_s"} <= set(values)
+    assert all("scalars" in names for names in plugins.values()), plugins
+    assert values["loss"] == _scalars(run_1dev, "loss")
 
 
 def test_kill_9_after_first_checkpoint_then_resume_is_bit_identical(run_1dev, tmp_path):
@@ -202,18 +219,18 @@ def test_kill_9_after_first_checkpoint_then_resume_is_bit_identical(run_1dev, tm
     proc = subprocess.Popen(_cmd(model_dir), env=_env(1, LIMA_FAKE_INPUT_DELAY_AFTER_EPOCH1="1.0"), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
-    while not train.list_checkpoint_steps(model_dir):
+    while not mdir.list_checkpoint_steps(model_dir):
         assert proc.poll() is None, f"run ended before its first checkpoint:\n{proc.stderr.read()[-3000:]}"
         assert time.time() < deadline, "no checkpoint within 180 s"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert train.list_checkpoint_steps(model_dir)[-1] < TOTAL_STEPS
+    assert mdir.list_checkpoint_steps(model_dir)[-1] < TOTAL_STEPS
     _run(_cmd(model_dir), _env(1))  # the same command again
-    assert train.list_checkpoint_steps(model_dir)[-1] == TOTAL_STEPS
-    _, resumed = train.restore_model_dir_params(model_dir)
-    _, reference = train.restore_model_dir_params(run_1dev)
+    assert mdir.list_checkpoint_steps(model_dir)[-1] == TOTAL_STEPS
+    _, resumed = mdir.restore_params(model_dir)
+    _, reference = mdir.restore_params(run_1dev)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
         np.testing.assert_array_equal(a, b)
 
@@ -223,7 +240,7 @@ def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
     proc = subprocess.Popen(_cmd(model_dir), env=_env(1, LIMA_FAKE_INPUT_DELAY_AFTER_EPOCH1="0.5"), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 180
-    while not train.list_checkpoint_steps(model_dir):
+    while not mdir.list_checkpoint_steps(model_dir):
         assert proc.poll() is None and time.time() < deadline, "no first checkpoint"
         time.sleep(0.05)
     time.sleep(0.8)  # inside epoch 2
@@ -231,26 +248,27 @@ def test_sigterm_saves_a_checkpoint_and_resumes(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     assert "SIGTERM: saved step" in out
-    steps = train.list_checkpoint_steps(model_dir)
+    steps = mdir.list_checkpoint_steps(model_dir)
     assert steps[-1] not in (3, TOTAL_STEPS), steps  # a mid-epoch checkpoint
-    assert not train.checkpoint_meta(model_dir, steps[-1])["end_of_epoch"]
+    assert not mdir.checkpoint_meta(model_dir, steps[-1])["end_of_epoch"]
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_last_good_checkpoint(tmp_path):
     model_dir = str(tmp_path / "run")
     # A learning rate of 1e30 blows the weights up after the first step.
-    with pytest.raises(FloatingPointError, match=r"train\.py: loss is (nan|inf) at step \d+"):
-        train.main([f"--gin_file={FAKE_GIN}", f"--model_dir={model_dir}", "--gin_bindings=recipe.learning_rate=1e30",
-                    "--gin_bindings=recipe.final_learning_rate=1e30", "--gin_bindings=model_config.remat_policy='none'"])
-    for step in train.list_checkpoint_steps(model_dir):
-        _, params = train.restore_model_dir_params(model_dir, step)
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step \d+"):
+        train_cli.main([f"--gin_file={FAKE_GIN}", f"--model_dir={model_dir}", "--gin_bindings=recipe.learning_rate=1e30",
+                        "--gin_bindings=recipe.final_learning_rate=1e30",
+                        "--gin_bindings=model_config.remat_policy='none'"])
+    for step in mdir.list_checkpoint_steps(model_dir):
+        _, params = mdir.restore_params(model_dir, step)
         assert all(np.isfinite(a).all() for a in jax.tree.leaves(params))
 
 
 # ---- meshes and hosts ---------------------------------------------------------------------------
 def test_8_devices_fsdp_tensor_match_1_device(run_1dev, run_8dev):
-    config, p1 = train.restore_model_dir_params(run_1dev)
-    _, p8 = train.restore_model_dir_params(run_8dev)
+    config, p1 = mdir.restore_params(run_1dev)
+    _, p8 = mdir.restore_params(run_8dev)
     np.testing.assert_allclose(_logits(config, p8, TOKENS), _logits(config, p1, TOKENS), atol=1e-4, rtol=0)
     # Adam is blind to a gradient's scale, so compare the gradient norms too.
     g1, g8 = _scalars(run_1dev, "grad_norm"), _scalars(run_8dev, "grad_norm")
@@ -269,23 +287,23 @@ def test_two_processes_reproduce_one_process(run_8dev, tmp_path):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
-    assert train.list_checkpoint_steps(model_dir) == [3, 6, 9]
-    _, p2 = train.restore_model_dir_params(model_dir)
-    _, p8 = train.restore_model_dir_params(run_8dev)
+    assert mdir.list_checkpoint_steps(model_dir) == [3, 6, 9]
+    _, p2 = mdir.restore_params(model_dir)
+    _, p8 = mdir.restore_params(run_8dev)
     assert _max_diff(p2, p8) < 1e-5
 
 
 SHARDING_CHECK = r"""
 import os, sys
 import jax, numpy as np
-from lima_jax import train
-train.parse_gin([sys.argv[1], sys.argv[2]], [])
-mesh = train.mesh_lib.make_mesh()
-rules, fsdp = train.mesh_lib.logical_rules()
-config = train.model_config()
-r = train.recipe()
-ts = train.build_train_step(config, r, mesh, rules, fsdp, 9)
-state = train.init_state(config, ts, 0, None)
+from lima_jax import gin_config, mesh as mesh_lib, recipe, train, train_step
+gin_config.parse([sys.argv[1], sys.argv[2]], [])
+mesh = mesh_lib.make_mesh()
+rules, fsdp = mesh_lib.logical_rules()
+config = recipe.model_config()
+r = recipe.recipe()
+ts = train_step.build_train_step(config, r, mesh, rules, fsdp, 9)
+state = train_step.init_state(config, ts, 0, None)
 q = state.params["layers"]["attn"]["q_proj"]
 mu = state.opt_state[0].mu["layers"]["mlp"]["up_proj"]
 print("Q", tuple(q.sharding.spec), len(q.addressable_shards), q.addressable_shards[0].data.shape, q.shape)
@@ -305,9 +323,9 @@ def test_large_params_and_optimizer_state_are_sharded_on_the_mesh():
 
 def test_make_mesh_sizes():
     devices = jax.devices() * 8  # only shapes are checked
-    assert dict(train.mesh_lib.make_mesh(2, -1, 2, devices=devices).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh_lib.make_mesh(2, -1, 2, devices=devices).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     with pytest.raises(ValueError, match="needs 16 devices"):
-        train.mesh_lib.make_mesh(2, 4, 2, devices=devices)
+        mesh_lib.make_mesh(2, 4, 2, devices=devices)
 
 
 # ---- the demo (real data pipeline) --------------------------------------------------------------
@@ -319,10 +337,10 @@ def test_demo_gin_trains_on_the_demo_data(tmp_path):
     lima_dataset.build(manual, data_dir)
     tokenizer = demo_data.train_demo_tokenizer(str(tmp_path / "tokenizer"))
     model_dir = str(tmp_path / "run")
-    train.main([f"--gin_file={os.path.join(ROOT, 'gin', 'runs', 'demo.gin')}", f"--model_dir={model_dir}",
-                f"--gin_bindings=DATA_DIR='{data_dir}'", f"--gin_bindings=TOKENIZER='{tokenizer}'"])
-    assert sorted(train.epoch_steps(model_dir)) == [1, 2, 3]
-    assert os.path.exists(os.path.join(model_dir, train.OPERATIVE_CONFIG))
+    assert train_cli.main([f"--gin_file={os.path.join(ROOT, 'gin', 'runs', 'demo.gin')}", f"--model_dir={model_dir}",
+                           f"--gin_bindings=DATA_DIR='{data_dir}'", f"--gin_bindings=TOKENIZER='{tokenizer}'"]) == 0
+    assert sorted(mdir.epoch_steps(model_dir)) == [1, 2, 3]
+    assert os.path.exists(os.path.join(model_dir, mdir.OPERATIVE_CONFIG))
     loss = _scalars(model_dir, "loss")
     steps = sorted(loss)
     assert loss[steps[-1]] < loss[steps[0]]

@@ -7,7 +7,6 @@ saved, and loaded with lima_jax.load_pretrained. Both sample with the paper's se
 temperature 0.7, repetition penalty 1.2) from 64-token prompts for exactly 128 new tokens (no stop).
 Our compile time is measured apart and excluded from our tokens/s; each figure is the best of
 `--repeats` timed runs, the two implementations alternating so background load hits both alike.
-Ours runs with lima-decode's CPU settings (cpu_tuning.py).
 """
 from __future__ import annotations
 
@@ -35,9 +34,6 @@ def main(argv=None) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lima_jax
-    from lima_jax import cpu_tuning
-
-    cpu_tuning.keep_freed_memory()  # as lima-decode and lima-chat do on CPU (one process: both sides gain)
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
     hf.generation_config.eos_token_id = None

@@ -4,8 +4,7 @@ The 58M config (hidden 512, 8 layers, 8 heads, FFN 1376, vocab 32000), batch 4 �
 random weights on each side; plus MFU of each against a float32 matmul peak measured here (XLA 2048³
 matmul). Run by hand, on an idle machine:
     JAX_PLATFORMS=cpu python tools/bench_train.py [--steps 20] [--json out.json]
-Our step is the very one lima-train runs (`train.build_train_step`, with lima-train's CPU settings from
-cpu_tuning.py), on a 1-device mesh. The two sides' steps alternate; speedup_vs_torch compares their
+Our step is the very one lima-train runs (`train_step.build_train_step`), on a 1-device mesh. The two sides' steps alternate; speedup_vs_torch compares their
 medians, with a bootstrap 95% interval over (ours, torch) pairs and a verdict on the ≥ 1× goal
 that says "undecided" when the interval straddles it; speedup_paired_median is the median over
 neighbouring (ours, torch) steps of their ratio, which a slow spell of this shared VM hits on both
@@ -41,9 +40,9 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
 
 def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU's model name and widest x86 vector ISA ("AVX-512", "AVX2", ...), e.g. "Intel(R) Xeon(R)
-    Processor @ 2.50GHz, AVX-512": the ratio to PyTorch depends on it (on an AVX-512 Xeon, PyTorch's MKL
-    products ran faster than XLA's Eigen dots; on an AVX2 EPYC, not), so every figure should carry it. "unknown" where the file
-    is absent (not Linux)."""
+    Processor @ 2.50GHz, AVX-512": the ratio to PyTorch depends on it (PyTorch's and XLA's matrix
+    products compare differently on AVX-512 and AVX2 machines), so every figure should carry it.
+    "unknown" where the file is absent (not Linux)."""
     try:
         with open(cpuinfo) as f:
             text = f.read()
@@ -75,16 +74,17 @@ def jax_step(remat: str):
     1-device mesh."""
     import jax
 
-    from lima_jax import mesh as mesh_lib, sharding, train
+    from lima_jax import mesh as mesh_lib, sharding, train_step
     from lima_jax.config import LlamaConfig
+    from lima_jax.recipe import Recipe, model_config
 
     # Through lima-train's own model_config: its CPU choices (layers unrolled) apply here too.
-    config = train.model_config(base=LlamaConfig(**CONFIG), dtype="float32", param_dtype="float32",
+    config = model_config(base=LlamaConfig(**CONFIG), dtype="float32", param_dtype="float32",
                                 remat_policy=remat, platform="cpu")
-    r = train.Recipe(1, BATCH, SEQ, 1e-5, 1e-6, 0, 0.9, 0.95, 0.1, 1, 0)
+    r = Recipe(1, BATCH, SEQ, 1e-5, 1e-6, 0, 0.9, 0.95, 0.1, 1, 0)
     mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    ts = train.build_train_step(config, r, mesh, sharding.DEFAULT_RULES, (), total_steps=1000)
-    state = train.init_state(config, ts, 0, None)
+    ts = train_step.build_train_step(config, r, mesh, sharding.DEFAULT_RULES, (), total_steps=1000)
+    state = train_step.init_state(config, ts, 0, None)
     batch = {k: jax.device_put(v, ts.batch_sharding) for k, v in batch_arrays().items()}
     t = time.perf_counter()
     compiled = ts.fn.lower(ts.abstract_state, ts.abstract_batch).compile()
@@ -95,7 +95,7 @@ def jax_step(remat: str):
         state, m = compiled(state, batch)
         return float(m["loss"])  # waits for the step
 
-    return step, train.model_flops_per_step(config, BATCH, SEQ), compile_s, config.scan_layers
+    return step, train_step.model_flops_per_step(config, BATCH, SEQ), compile_s, config.scan_layers
 
 
 def torch_step():
@@ -162,9 +162,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--remat", default="none", help="our remat policy (none, full, dots, ...)")
     parser.add_argument("--json", help="write the figures here too")
     args = parser.parse_args(argv)
-    from lima_jax import cpu_tuning
-
-    cpu_tuning.keep_freed_memory(one_heap=True)  # as lima-train does on CPU (one process: both sides gain)
     peak = matmul_peak()
     ours, flops, compile_s, scan = jax_step(args.remat)
     theirs, threads = torch_step()

@@ -6,6 +6,9 @@ import os
 import sys
 from typing import Optional
 
+from lima_jax.cli.errors import INPUT_ERRORS, input_error
+from lima_jax.config import REMAT_POLICIES
+
 # AOT compiles for TPU; everything else JAX does here must stay on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -21,7 +24,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--mesh", help="mesh sizes, e.g. data=1,fsdp=64,tensor=4 (default: FSDP over all devices)")
     parser.add_argument("--batch_size", type=int, default=32, help="global batch in sequences (LIMA: 32)")
     parser.add_argument("--seq_len", type=int, default=2048, help="context length (LIMA: 2048)")
-    parser.add_argument("--remat", choices=["none", "full", "dots", "dots_with_no_batch_dims"],
+    parser.add_argument("--remat", choices=REMAT_POLICIES,
                         help="override the model gin's remat policy")
     parser.add_argument("--step", choices=["train", "decode"], default="train")
     parser.add_argument("--gin_bindings", action="append", default=[], help="extra gin binding (repeatable)")
@@ -36,8 +39,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         report = aot.compile_step(args.model, args.topology, args.mesh, args.batch_size, args.seq_len, args.remat,
                                   args.step, args.gin_bindings)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        parser.exit(2, f"lima-aot: error: {str(e).splitlines()[0]}\n")
+    except (*INPUT_ERRORS, RuntimeError) as e:  # RuntimeError: no TPU compiler here (the 'tpu' extra)
+        return input_error(parser.prog, e)
     print(aot.describe(report))
     if args.json:
         aot.write_json(args.json, report)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lima_jax.cli.sampling_args import add_model_args, add_sampling_args, sampling_overrides
+from lima_jax.cli.errors import INPUT_ERRORS, input_error
+from lima_jax.cli.sampling_args import add_model_args, add_sampling_args, settings_and_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,16 +19,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from lima_jax import cpu_tuning, chat, eval_decoder
-    from lima_jax.checkpoint import load_pretrained
-
-    cpu_tuning.keep_freed_memory()
     try:
-        settings = eval_decoder.load_settings(args.gin_file, args.gin_bindings, sampling_overrides(args))
-        tokenizer = eval_decoder.resolve_tokenizer(args.checkpoint, args.tokenizer)
+        from lima_jax import chat
+        from lima_jax.checkpoint import load_pretrained
+
+        settings, tokenizer = settings_and_tokenizer(args)
         session = chat.ChatSession(load_pretrained(args.checkpoint, dtype=args.dtype), tokenizer, settings)
-    except (ValueError, OSError) as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except INPUT_ERRORS as e:
+        return input_error(parser.prog, e)
     chat.run(session)
     return 0
 

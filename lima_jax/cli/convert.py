@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lima_jax.cli.errors import INPUT_ERRORS, input_error
+
 DTYPE_CHOICES = ("float32", "bfloat16")
 
 
@@ -61,8 +63,8 @@ def main(argv=None) -> int:
                 print(f"lima-convert: verify FAILED: max abs logit difference above --tol {args.tol:g}",
                       file=sys.stderr)
                 return 1
-    except (ValueError, OSError, RuntimeError) as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except INPUT_ERRORS as e:
+        return input_error(parser.prog, e)
     return 0
 
 

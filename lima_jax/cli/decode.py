@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lima_jax.cli.sampling_args import add_model_args, add_sampling_args, sampling_overrides
+from lima_jax.cli.errors import INPUT_ERRORS, input_error
+from lima_jax.cli.sampling_args import add_model_args, add_sampling_args, settings_and_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,14 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from lima_jax import cpu_tuning, eval_decoder
-    from lima_jax.checkpoint import checkpoint_kind, load_pretrained
-
-    cpu_tuning.keep_freed_memory()
     try:
-        settings = eval_decoder.load_settings(args.gin_file, args.gin_bindings,
-                                              sampling_overrides(args, ("batch_size",)))
-        tokenizer = eval_decoder.resolve_tokenizer(args.checkpoint, args.tokenizer)
+        from lima_jax import eval_decoder
+        from lima_jax.checkpoint import checkpoint_kind, load_pretrained
+
+        settings, tokenizer = settings_and_tokenizer(args, ("batch_size",))
+        eval_decoder.read_prompts(args.prompts)  # a bad prompt file fails before the model loads
         progress = not args.no_progress
         if args.sweep_checkpoints:
             if checkpoint_kind(args.checkpoint) != "model_dir":
@@ -47,8 +46,8 @@ def main(argv=None) -> int:
             n = eval_decoder.decode_file(lm, tokenizer, args.prompts, args.output, settings,
                                          checkpoint=args.checkpoint, progress=progress)
             print(f"{n} responses appended to {args.output}")
-    except (ValueError, OSError) as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except INPUT_ERRORS as e:
+        return input_error(parser.prog, e)
     return 0
 
 

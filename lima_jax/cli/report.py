@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from lima_jax import report
+from lima_jax.cli.errors import input_error
 
 
 def _positive_int(text: str) -> int:
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     common = {}
     if args.command != "template":
         common = dict(json_path=args.json, plot_path=args.plot, n_bootstrap=args.n_bootstrap, seed=args.seed)
@@ -54,8 +56,7 @@ def main(argv=None) -> int:
         else:
             text = report.load_template(args.name).rstrip("\n")
     except (report.ReportInputError, OSError) as e:
-        print(f"lima-report: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return input_error(parser.prog, e)
     print(text)
     return 0
 

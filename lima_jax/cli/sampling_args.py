@@ -28,3 +28,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def sampling_overrides(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict:
     return {k: getattr(args, k) for k in SAMPLING_FLAGS + extra}
+
+
+def settings_and_tokenizer(args: argparse.Namespace, extra: tuple[str, ...] = ()):
+    """(decode settings, Tokenizer) from the shared flags: gin first, then the flags that were given."""
+    from lima_jax import eval_decoder
+
+    settings = eval_decoder.load_settings(args.gin_file, args.gin_bindings, sampling_overrides(args, extra))
+    return settings, eval_decoder.resolve_tokenizer(args.checkpoint, args.tokenizer)
