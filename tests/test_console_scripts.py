@@ -107,6 +107,23 @@ def test_lima_train_bad_input(demo_files, data_dir, tmp_path):
     assert not out.exists()
 
 
+def test_lima_train_missing_data_is_bad_input(demo_files, tmp_path):
+    out = tmp_path / "run"
+    assert_bad_input(run("lima-train", *_train_args(tmp_path / "nowhere", demo_files[2], out)), "lima-train",
+                     "nowhere", "lima-data build")
+    assert not out.exists()
+
+
+def test_lima_train_unexpected_failure_exits_1(demo_files, data_dir, tmp_path):
+    """A diverging run is no input error: status 1 and the traceback, no checkpoint of the bad weights."""
+    out = tmp_path / "run"
+    proc = run("lima-train", *_train_args(data_dir, demo_files[2], out, "--gin_bindings", "recipe.learning_rate=1e30",
+                                          "--gin_bindings", "recipe.final_learning_rate=1e30"))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" in proc.stderr and "FloatingPointError: loss is " in proc.stderr
+    assert not os.listdir(out / "checkpoints")
+
+
 def test_lima_decode_two_prompts(demo_files, model_dir, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"id": "a", "conversations": ["How do I boil an egg?"]}\n'
