@@ -1,12 +1,15 @@
 """Training input for lima-train: every example once per epoch, in a seeded order, split across hosts.
 
 LIMA is ~1k examples, so the mixture is tokenised once (seqio tasks + LimaFeatureConverter) and held
-in memory. Epoch e's order is a permutation drawn from (seed, e). Global batch i of an epoch is rows
-[i*B, (i+1)*B) of that order; host h keeps the contiguous block [h*B/H, (h+1)*B/H) of every global batch
-(its seqio.ShardInfo), so the hosts' blocks concatenated in host order are the one-host batch exactly.
-Every host tokenises the whole (small) set so that all hosts agree on one global order. The last
-batch of an epoch is filled with all-zero rows (loss weight 0). The position is (epoch, step_in_epoch),
-saved with every checkpoint, so a resumed run continues with exactly the next batch.
+in memory. Epoch e's order is a permutation drawn from (seed, e). Global batch i of an epoch is
+examples [i*B, (i+1)*B) of that order. Padded (packing=False), each example is a row and host h keeps
+the contiguous block [h*B/H, (h+1)*B/H) of the batch's rows (its seqio.ShardInfo), so the hosts' blocks
+concatenated in host order are the one-host batch exactly; the last batch of an epoch is filled with
+empty rows (loss weight 0). Packed (packing=True, data_pipeline/packing.py), the same B examples are
+packed into R rows, R a bucket chosen from the mixture's lengths; every host computes the same global
+rows and keeps its block of them. Every host tokenises the whole (small) set so that all hosts agree
+on one global order. The position is (epoch, step_in_epoch), saved with every checkpoint, so a resumed
+run continues with exactly the next batch.
 """
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ from typing import Optional
 import numpy as np
 import seqio
 
-from data_pipeline import tasks
+from data_pipeline import packing as packing_lib, tasks
 
-FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
+FEATURES = packing_lib.TOKEN_FEATURES + packing_lib.SEGMENT_FEATURES
+BUCKET_EPOCHS = 20  # epochs of steps whose packed row counts choose the buckets
 
 
 def default_shard_info() -> seqio.ShardInfo:
@@ -32,33 +36,37 @@ def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     return np.random.default_rng([int(seed), int(epoch)]).permutation(num_examples)
 
 
-class TrainInput:
-    """Iterator of this host's batches: {decoder_input_tokens, decoder_target_tokens, decoder_loss_weights},
-    int32 arrays of shape [global_batch_size // num_shards, max_len]; runs forever over epochs.
+class StepInput:
+    """Iterator of this host's batches of in-memory examples, padded or packed, forever over epochs:
+    {decoder_input_tokens, decoder_target_tokens, decoder_loss_weights, decoder_segment_ids,
+    decoder_positions}, arrays of shape [rows, max_len] (padded: rows = global_batch_size // num_shards).
 
-    After each `next()`, `epoch` / `step_in_epoch` say which batch was returned and `example_ids` its
-    rows' example ids (-1 for padding rows).
-    """
+    features: {token feature: [N, max_len] array}; lengths: each example's tokens. row_multiple: the
+    global row count of a packed step is a multiple of it (the devices the batch is sharded over,
+    times gradient-accumulation microbatches). After each `next()`, `epoch` / `step_in_epoch` say which
+    batch was returned and `example_ids` this host's block of the padded batch's example ids (-1 for
+    padding; packed rows hold the whole step's examples, see `global_example_ids`)."""
 
-    def __init__(self, mixture: str, data_dir: str, tokenizer_path: str, global_batch_size: int, max_len: int,
-                 seed: int, shard_index: int = 0, num_shards: int = 1, split: str = "train",
-                 shard_info: Optional[seqio.ShardInfo] = None):
-        self.shard_info = shard_info or seqio.ShardInfo(index=shard_index, num_shards=num_shards)
-        n_shards, index = self.shard_info.num_shards, self.shard_info.index
-        if global_batch_size % n_shards:
-            raise ValueError(f"global batch size {global_batch_size} is not divisible by {n_shards} hosts")
-        if not 0 <= index < n_shards:
-            raise ValueError(f"shard index {index} is outside [0, {n_shards})")
-        tasks.register(data_dir, tokenizer_path, mixture=mixture)
-        self.examples = tasks.load_examples(mixture, split=split, max_len=max_len)
-        if not self.examples:
-            raise ValueError(f"{data_dir}: mixture {mixture!r} has no examples in split {split!r}")
-        self.features = tasks.to_model_features(self.examples, max_len)
-        self.mixture, self.seed, self.max_len = mixture, int(seed), int(max_len)
+    def __init__(self, features: dict, lengths, global_batch_size: int, max_len: int, seed: int,
+                 shard_index: int = 0, num_shards: int = 1, packing: bool = False, row_multiple: int = 1):
+        if global_batch_size % num_shards:
+            raise ValueError(f"global batch size {global_batch_size} is not divisible by {num_shards} hosts")
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"shard index {shard_index} is outside [0, {num_shards})")
+        self.features = features
+        self.lengths = np.asarray(lengths, np.int64)
+        self.seed, self.max_len = int(seed), int(max_len)
+        self.shard_index, self.num_shards = int(shard_index), int(num_shards)
         self.global_batch_size = int(global_batch_size)
-        self.host_batch_size = self.global_batch_size // n_shards
-        self.num_examples = len(self.examples)
+        self.host_batch_size = self.global_batch_size // self.num_shards
+        self.num_examples = len(self.lengths)
         self.steps_per_epoch = math.ceil(self.num_examples / self.global_batch_size)
+        self.packing = bool(packing)
+        self.row_multiple = packing_lib.round_up(max(int(row_multiple), 1), self.num_shards)
+        self.buckets: list[int] = []
+        if self.packing:
+            needs = [self._packed_rows(e, s) for e in range(BUCKET_EPOCHS) for s in range(self.steps_per_epoch)]
+            self.buckets = packing_lib.choose_buckets(needs, self.row_multiple)
         self._epoch, self._step = 0, 0  # the NEXT batch to produce
         self.epoch = self.step_in_epoch = None  # the batch last produced
         self.example_ids = None
@@ -80,24 +88,38 @@ class TrainInput:
         """The example ids epoch `epoch` visits, in order (all hosts together)."""
         return epoch_order(self.seed, epoch, self.num_examples)
 
-    def batch_example_ids(self, epoch: int, step: int) -> np.ndarray:
-        """This host's rows of global batch `step` of `epoch`: example ids, -1 for padding rows."""
-        order = self.epoch_examples(epoch)
+    def global_example_ids(self, epoch: int, step: int) -> np.ndarray:
+        """Global batch `step` of `epoch`: example ids, -1 for padding rows."""
         ids = np.full(self.global_batch_size, -1, np.int64)
-        chunk = order[step * self.global_batch_size:(step + 1) * self.global_batch_size]
+        chunk = self.epoch_examples(epoch)[step * self.global_batch_size:(step + 1) * self.global_batch_size]
         ids[:len(chunk)] = chunk
-        start = self.shard_info.index * self.host_batch_size
-        return ids[start:start + self.host_batch_size]
+        return ids
+
+    def batch_example_ids(self, epoch: int, step: int) -> np.ndarray:
+        """This host's rows of padded global batch `step` of `epoch`: example ids, -1 for padding rows."""
+        start = self.shard_index * self.host_batch_size
+        return self.global_example_ids(epoch, step)[start:start + self.host_batch_size]
+
+    def _packed_rows(self, epoch: int, step: int) -> int:
+        ids = [i for i in self.global_example_ids(epoch, step) if i >= 0]
+        return len(packing_lib.first_fit_decreasing(self.lengths[ids], self.max_len))
+
+    def rows(self, epoch: int, step: int) -> int:
+        """The global row count of step `step` of `epoch`."""
+        if not self.packing:
+            return self.global_batch_size
+        fallback = packing_lib.round_up(self.global_batch_size, self.row_multiple)
+        return packing_lib.bucket_for(self._packed_rows(epoch, step), self.buckets, fallback)
 
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
-        ids = self.batch_example_ids(epoch, step)
-        out = {}
-        for name in FEATURES:
-            rows = np.zeros((len(ids), self.max_len), np.int32)
-            real = ids >= 0
-            rows[real] = self.features[name][ids[real]]
-            out[name] = rows
-        return out
+        if not self.packing:
+            return packing_lib.unpacked(self.features, self.lengths, self.batch_example_ids(epoch, step),
+                                        self.max_len)
+        rows = self.rows(epoch, step)
+        both = packing_lib.pack(self.features, self.lengths, self.global_example_ids(epoch, step), rows,
+                                self.max_len)
+        per_host = rows // self.num_shards
+        return {k: v[self.shard_index * per_host:(self.shard_index + 1) * per_host] for k, v in both.items()}
 
     # -- iteration --------------------------------------------------------------------------------
     def __iter__(self):
@@ -112,3 +134,23 @@ class TrainInput:
         if self._step == self.steps_per_epoch:
             self._epoch, self._step = epoch + 1, 0
         return out
+
+
+class TrainInput(StepInput):
+    """StepInput over a seqio mixture of the TFDS `lima` data (tasks.register)."""
+
+    def __init__(self, mixture: str, data_dir: str, tokenizer_path: str, global_batch_size: int, max_len: int,
+                 seed: int, shard_index: int = 0, num_shards: int = 1, split: str = "train",
+                 shard_info: Optional[seqio.ShardInfo] = None, packing: bool = False, row_multiple: int = 1):
+        shard_info = shard_info or seqio.ShardInfo(index=shard_index, num_shards=num_shards)
+        if global_batch_size % shard_info.num_shards:
+            raise ValueError(f"global batch size {global_batch_size} is not divisible by {shard_info.num_shards} hosts")
+        tasks.register(data_dir, tokenizer_path, mixture=mixture)
+        self.examples = tasks.load_examples(mixture, split=split, max_len=max_len)
+        if not self.examples:
+            raise ValueError(f"{data_dir}: mixture {mixture!r} has no examples in split {split!r}")
+        self.mixture, self.shard_info = mixture, shard_info
+        # An example of L tokens gives L - 1 (input, target) positions.
+        lengths = [max(min(len(e["targets"]), max_len) - 1, 1) for e in self.examples]
+        super().__init__(tasks.to_model_features(self.examples, max_len), lengths, global_batch_size, max_len,
+                         seed, shard_info.index, shard_info.num_shards, packing, row_multiple)

@@ -1,5 +1,10 @@
-"""Causal self-attention for training and prefill-free forward passes: one XLA implementation
-(FlashAttention's algorithm, in query blocks) that every backend runs.
+"""Causal self-attention within segments, for training and prefill-free forward passes: one XLA
+implementation (FlashAttention's algorithm, in query blocks) that every backend runs.
+
+A row may hold several examples (packing): each token carries a segment id, and a query attends to
+the keys at or before it with its own segment id; id 0 is padding, which no query attends to. The
+mask is built inside each block from the ids, never as a [B, T, T] array. An unpacked row is one
+segment (ids 1 for its tokens, 0 for padding).
 
 Query block i only attends to the keys up to its own end, so the product with the keys the causal
 mask would remove anyway is never computed (~40% less work at 4+ blocks). The backward pass is
@@ -43,40 +48,48 @@ def _product(spec: str, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _block_scores(q, k, mask, start, end, scale):
+def _block_mask(segments, start, end):
+    """[B, rows, end] bool: query i in [start, end) may see key j < end (j <= i, same segment, not padding)."""
+    causal = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]
+    q_seg, k_seg = segments[:, start:end, None], segments[:, None, :end]
+    return causal[None] & (q_seg == k_seg) & (k_seg > 0)
+
+
+def _block_scores(q, k, segments, start, end, scale):
     """Scores of query rows [start, end) against keys [0, end): [BK, G, rows, end] float32, masked
-    entries at float32's minimum. A row that sees no key (left padding) gets weight 1 on each key in
+    entries at float32's minimum. A row that sees no key (padding) gets weight 1 on each key in
     [0, end) (its log-normaliser rounds back to that minimum); it is padding, whose output no other
     position reads."""
     bk, g, _, _ = q.shape
     rows = end - start
     s = _product("bgqd,bkd->bgqk", q[:, :, start:end], k[:, :end])
-    b = mask.shape[0]
-    s = jnp.where(mask[:, None, None, start:end, :end], s.reshape(b, bk // b, g, rows, end) * scale, _MIN)
+    b = segments.shape[0]
+    mask = _block_mask(segments, start, end)
+    s = jnp.where(mask[:, None, None], s.reshape(b, bk // b, g, rows, end) * scale, _MIN)
     return s.reshape(bk, g, rows, end)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _causal_attention(q, k, v, mask, block):
-    return _forward(q, k, v, mask, block)[0]
+def _causal_attention(q, k, v, segments, block):
+    return _forward(q, k, v, segments, block)[0]
 
 
-def _forward(q, k, v, mask, block):
-    """q [BK, G, T, D], k/v [BK, T, D] (BK = B·KVH, kv heads minor), mask [B, T, T]."""
+def _forward(q, k, v, segments, block):
+    """q [BK, G, T, D], k/v [BK, T, D] (BK = B·KVH, kv heads minor), segments [B, T] int."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     outs, lses = [], []
     for start, end in query_blocks(q.shape[2], block):
-        s = _block_scores(q, k, mask, start, end, scale)
+        s = _block_scores(q, k, segments, start, end, scale)
         lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
         p = jnp.exp(s - lse).astype(v.dtype)
         outs.append(_product("bgqk,bkd->bgqd", p, v[:, :end]).astype(v.dtype))
         lses.append(lse)
     out, lse = jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
-    return out, (q, k, v, mask, out, lse)
+    return out, (q, k, v, segments, out, lse)
 
 
 def _backward(block, residuals, d_out):
-    q, k, v, mask, out, lse = residuals
+    q, k, v, segments, out, lse = residuals
     scale = 1.0 / math.sqrt(q.shape[-1])
     # delta_i = Σ_j p_ij dp_ij = d_out_i · out_i: the softmax gradient's row term.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
@@ -84,7 +97,7 @@ def _backward(block, residuals, d_out):
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
     for start, end in query_blocks(q.shape[2], block):
-        s = _block_scores(q, k, mask, start, end, scale)
+        s = _block_scores(q, k, segments, start, end, scale)
         p = jnp.exp(s - lse[:, :, start:end])  # [BK, G, rows, end]
         do = d_out[:, :, start:end]
         dv = dv.at[:, :end].add(_product("bgqk,bgqd->bkd", p.astype(v.dtype), do))
@@ -99,17 +112,17 @@ def _backward(block, residuals, d_out):
 _causal_attention.defvjp(_forward, _backward)
 
 
-def causal_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, *,
+def causal_attention(q: jax.Array, keys: jax.Array, values: jax.Array, segment_ids: jax.Array, *,
                      block: int = 128) -> jax.Array:
-    """softmax(q·kᵀ/√d + mask)·v for q [B,T,H,D], keys/values [B,T,KVH,D] (H a multiple of KVH) and
-    mask [B,T,T] bool (True = may attend), which must be causal: no query sees a later key. Rows that
-    see no key (left padding) are padding: their output is not meaningful."""
+    """softmax(q·kᵀ/√d + mask)·v for q [B,T,H,D], keys/values [B,T,KVH,D] (H a multiple of KVH), where
+    query i sees key j when j <= i and segment_ids[b, j] == segment_ids[b, i] > 0 (segment_ids [B,T]
+    int; 0 = padding). Padding queries see no key: their output is not meaningful."""
     b, t, h, d = q.shape
     kvh = keys.shape[2]
     if keys.shape[1] != t:
         raise ValueError(f"causal_attention needs as many keys as queries, got {keys.shape[1]} and {t}")
-    if mask.shape != (b, t, t):
-        raise ValueError(f"causal_attention needs a mask of shape {(b, t, t)}, got {mask.shape}")
+    if segment_ids.shape != (b, t):
+        raise ValueError(f"causal_attention needs segment ids of shape {(b, t)}, got {segment_ids.shape}")
     kg = _group(keys, kvh)[:, 0]  # [B·KVH, T, D]
     vg = _group(values, kvh)[:, 0]
-    return _ungroup(_causal_attention(_group(q, kvh), kg, vg, mask, block), b)
+    return _ungroup(_causal_attention(_group(q, kvh), kg, vg, segment_ids.astype(jnp.int32), block), b)

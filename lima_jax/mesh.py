@@ -67,6 +67,15 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
         jax.distributed.initialize()
 
 
+def batch_shards(batch_sharding: NamedSharding) -> int:
+    """How many pieces the batch (rows) dimension is split into across the mesh."""
+    axes = batch_sharding.spec[0] if len(batch_sharding.spec) else None
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return int(np.prod([batch_sharding.mesh.shape[a] for a in axes]))
+
+
 def host_block(batch_sharding: NamedSharding, global_batch: int) -> tuple[int, int]:
     """(shard_index, num_shards): which contiguous block of each global batch this host's devices hold,
     so that the host loads exactly those rows and `make_array_from_process_local_data` places them."""

@@ -154,7 +154,8 @@ class Attention(nnx.Module):
         self.attention_block = config.attention_block
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
-        """x [B,T,E]; mask [B,T,S] bool (True = may attend). With a cache, the new keys/values are
+        """x [B,T,E]; without a cache, mask is the segment ids [B,T] (causal_attention); with one, a
+        [B,T,S] bool (True = may attend). With a cache, the new keys/values are
         written at slot cache_index and attention runs over all S slots: kv_cache=(k, v, None) with
         this layer's buffers [B,KVH,S,D], or (k, v, layer) with the all-layer buffers [L,B,S,KVH,D].
         Returns (out [B,T,E], (k, v)): the new tokens' [B,T,KVH,D], or the updated buffers."""
@@ -274,11 +275,14 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, attention_mask: Optional[jax.Array] = None,
                  cache: Optional[KVCache] = None, *, dropout_key: Optional[jax.Array] = None,
-                 return_hidden_states: bool = False, last_logits_only: bool = False) -> ModelOutput:
+                 return_hidden_states: bool = False, last_logits_only: bool = False,
+                 segment_ids: Optional[jax.Array] = None, positions: Optional[jax.Array] = None) -> ModelOutput:
         """tokens [B, T] int; attention_mask [B, T] (1 = real token, 0 = padding; default all real).
 
         Positions count real tokens only, so left- and right-padded rows get the positions they would
-        have alone. With a cache, the T tokens are written at `cache.index` and may attend to every
+        have alone. Packed rows (no cache): segment_ids [B, T] (1, 2, ... per example, 0 = padding) and
+        positions [B, T] (each token's index in its own example) replace attention_mask; a token
+        attends only to earlier tokens of its own segment. With a cache, the T tokens are written at `cache.index` and may attend to every
         earlier real slot. dropout_key=None means deterministic (no dropout). last_logits_only: logits
         of the last position only (decoding's prefill skips the LM head on the others)."""
         cfg = self.config
@@ -289,9 +293,13 @@ class Llama(nnx.Module):
         attention_mask = attention_mask.astype(bool)
 
         if cache is None:
-            key_mask = attention_mask
-            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-            causal = jnp.tril(jnp.ones((t, t), bool))
+            if segment_ids is None:  # one example per row
+                segment_ids = attention_mask.astype(jnp.int32)
+                positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+            elif positions is None:
+                raise ValueError("segment_ids need positions (each token's index in its own segment)")
+            key_mask = segment_ids > 0
+            mask = segment_ids  # attention builds the per-segment causal mask from the ids, block by block
             cache_index = None
         else:
             cache_index = cache.index
@@ -300,7 +308,7 @@ class Llama(nnx.Module):
             positions = jnp.maximum(jax.lax.dynamic_slice_in_dim(seen, cache_index, t, axis=1), 0)
             slots = jnp.arange(key_mask.shape[1])
             causal = slots[None, :] <= cache_index + jnp.arange(t)[:, None]
-        mask = causal[None] & key_mask[:, None, :]
+            mask = causal[None] & key_mask[:, None, :]
         # Positions count real tokens, so they stay below the number of key slots.
         cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(cfg), key_mask.shape[1])
 

@@ -48,13 +48,15 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
     return NamedSharding(mesh, sharding.logical_to_spec(("batch", "length"), rules, mesh))
 
 
+# A batch: rows of max_len tokens, each row one example (padded) or several (packed); the segment ids
+# (0 = padding) and each token's position in its own example say which.
 BATCH_KEYS = {"decoder_input_tokens": jnp.int32, "decoder_target_tokens": jnp.int32,
-              "decoder_loss_weights": jnp.float32}
+              "decoder_loss_weights": jnp.float32, "decoder_segment_ids": jnp.int32, "decoder_positions": jnp.int32}
 
 
-def abstract_batch(global_batch: int, max_len: int, mesh: Mesh, rules) -> dict:
+def abstract_batch(rows: int, max_len: int, mesh: Mesh, rules) -> dict:
     s = batch_sharding(mesh, rules)
-    return {k: jax.ShapeDtypeStruct((global_batch, max_len), d, sharding=s) for k, d in BATCH_KEYS.items()}
+    return {k: jax.ShapeDtypeStruct((rows, max_len), d, sharding=s) for k, d in BATCH_KEYS.items()}
 
 
 def token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array):
@@ -86,7 +88,8 @@ def grad_norm(grads) -> jax.Array:
 
 class TrainStep(NamedTuple):
     """What lima-train runs and lima-aot compiles: `fn(state, batch) -> (state, metrics)` jitted with
-    explicit shardings and the state donated, plus abstract inputs (ShapeDtypeStruct with shardings)."""
+    explicit shardings and the state donated, plus abstract inputs (ShapeDtypeStruct with shardings;
+    the batch's for `rows` rows: `abstract_batch(rows, ...)` gives another row count, one compile each)."""
     fn: Any
     abstract_state: TrainState
     abstract_batch: dict
@@ -97,7 +100,8 @@ class TrainStep(NamedTuple):
 
 
 def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axes=("fsdp",),
-                     total_steps: int = 1) -> TrainStep:
+                     total_steps: int = 1, rows: Optional[int] = None) -> TrainStep:
+    """rows: the abstract batch's row count (default the padded batch, r.batch_size)."""
     optimizer = make_optimizer(r, total_steps)
     schedule = learning_rate_schedule(r, total_steps)
     abstract, shards = state_shardings(config, optimizer, mesh, rules)
@@ -109,7 +113,8 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
         """(this microbatch's share of the step's mean loss, its correct predictions): divided by the
         whole step's weight here, so the gradients come out as the mean's, with no pass over them after."""
         model = nnx.merge(graphdef, params)
-        logits = model(micro["decoder_input_tokens"], dropout_key=key).logits
+        logits = model(micro["decoder_input_tokens"], dropout_key=key, segment_ids=micro["decoder_segment_ids"],
+                       positions=micro["decoder_positions"]).logits
         loss_sum, correct, _ = token_loss(logits, micro["decoder_target_tokens"], micro["decoder_loss_weights"])
         return loss_sum / denom, correct
 
@@ -143,13 +148,15 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
                 (grads, loss, correct), _ = jax.lax.scan(accumulate, (zeros, zero, zero), (jnp.arange(accum), micro))
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
+            segments, positions = batch["decoder_segment_ids"], batch["decoder_positions"]
             metrics = {"loss": loss, "accuracy": correct / denom, "grad_norm": grad_norm(grads),
-                       "lr": schedule(state.step), "loss_tokens": weight}
+                       "lr": schedule(state.step), "loss_tokens": weight,
+                       "real_tokens": jnp.sum(segments > 0), "examples": jnp.sum((segments > 0) & (positions == 0))}
             return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
     fn = jax.jit(step, in_shardings=(shards, b_shard), out_shardings=(shards, replicated), donate_argnums=0)
-    batch = abstract_batch(r.batch_size, r.max_len, mesh, rules)
+    batch = abstract_batch(rows or r.batch_size, r.max_len, mesh, rules)
     return TrainStep(fn, abstract, batch, shards, b_shard, optimizer, schedule)
 
 

@@ -25,18 +25,21 @@ def dense_attention(q, k, v, mask):
 
 
 def _inputs(heads, kv_heads, length=40, batch=3):
+    """q, k, v, segment ids, the dense mask they mean, and output weights (0 where a row sees no key)."""
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (batch, length, heads, 16))
     k = jax.random.normal(keys[1], (batch, length, kv_heads, 16))
     v = jax.random.normal(keys[2], (batch, length, kv_heads, 16))
-    real = np.ones((batch, length), bool)
-    real[0, -9:] = False  # right padding
-    real[1, :5] = False  # left padding: its first rows see no key at all
-    mask = jnp.tril(jnp.ones((length, length), bool))[None] & jnp.asarray(real)[:, None, :]
-    # Rows that see no key (left padding) are padding, whose outputs reach no other position: they
-    # get a uniform distribution over different key ranges here and there, so they are left out.
+    segments = np.ones((batch, length), np.int32)
+    segments[0, -9:] = 0  # right padding
+    segments[1, :5] = 0  # left padding: its first rows see no key at all
+    segments[2] = [1] * 13 + [2] * 6 + [3] * 17 + [0] * 4  # a packed row: three examples, then padding
+    same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+    mask = jnp.tril(jnp.ones((length, length), bool))[None] & jnp.asarray(same)
+    # Rows that see no key (padding) reach no other position: they get a uniform distribution over
+    # different key ranges here and there, so they are left out.
     sees_a_key = jnp.any(mask, axis=-1)[:, :, None, None]
-    return q, k, v, mask, jnp.where(sees_a_key, jax.random.normal(keys[3], q.shape), 0.0)
+    return q, k, v, jnp.asarray(segments), mask, jnp.where(sees_a_key, jax.random.normal(keys[3], q.shape), 0.0)
 
 
 def test_query_blocks_cover_the_sequence():
@@ -47,23 +50,23 @@ def test_query_blocks_cover_the_sequence():
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("block", [7, 16, 128])
 def test_values_and_gradients_equal_dense_attention(heads, kv_heads, block):
-    q, k, v, mask, weight = _inputs(heads, kv_heads)
-    out = causal_attention(q, k, v, mask, block=block)
+    q, k, v, segments, mask, weight = _inputs(heads, kv_heads)
+    out = causal_attention(q, k, v, segments, block=block)
     np.testing.assert_allclose(out * (weight != 0), dense_attention(q, k, v, mask) * (weight != 0), atol=1e-5)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * weight)
 
-    ours = jax.grad(loss(lambda q, k, v: causal_attention(q, k, v, mask, block=block)), (0, 1, 2))(q, k, v)
+    ours = jax.grad(loss(lambda q, k, v: causal_attention(q, k, v, segments, block=block)), (0, 1, 2))(q, k, v)
     ref = jax.grad(loss(lambda q, k, v: dense_attention(q, k, v, mask)), (0, 1, 2))(q, k, v)
     for name, a, b in zip("qkv", ours, ref):
         np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
 
 
 def test_needs_as_many_keys_as_queries():
-    q, k, v, mask, _ = _inputs(4, 2)
+    q, k, v, segments, _, _ = _inputs(4, 2)
     with pytest.raises(ValueError, match="as many keys as queries"):
-        causal_attention(q, k[:, :-1], v[:, :-1], mask, block=8)
+        causal_attention(q, k[:, :-1], v[:, :-1], segments, block=8)
 
 
 def test_model_with_several_blocks_matches_transformers(hf_model_dir):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.inputs import TrainInput
-from tests.lima_data_helpers import demo_build  # noqa: F401  (session fixture)
+from tests.lima_data_helpers import demo_build, lima_sample_build  # noqa: F401  (session fixtures)
 
 B, MAX_LEN, SEED = 8, 256, 3
 
@@ -33,7 +33,8 @@ def test_each_example_exactly_once_per_epoch(one_host):
     seen = []
     for epoch, step, ids, batch in take(it, it.steps_per_epoch):
         assert epoch == 0
-        assert set(batch) == {"decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"}
+        assert set(batch) == {"decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+                              "decoder_segment_ids", "decoder_positions"}
         assert all(v.shape == (B, MAX_LEN) and v.dtype == np.int32 for v in batch.values())
         for row, ex_id in enumerate(ids):
             if ex_id < 0:  # the last batch is filled with all-zero rows that carry no loss
@@ -42,6 +43,8 @@ def test_each_example_exactly_once_per_epoch(one_host):
             seen.append(int(ex_id))
             tokens = it.examples[ex_id]["targets"]
             n = len(tokens) - 1
+            assert batch["decoder_segment_ids"][row].tolist() == [1] * n + [0] * (MAX_LEN - n)
+            assert batch["decoder_positions"][row, :n].tolist() == list(range(n))
             assert batch["decoder_input_tokens"][row, :n].tolist() == tokens[:-1].tolist()
             assert batch["decoder_target_tokens"][row, :n].tolist() == tokens[1:].tolist()
             assert batch["decoder_loss_weights"][row, :n].tolist() == it.examples[ex_id]["loss_mask"][1:].tolist()
@@ -118,3 +121,78 @@ def test_bad_arguments(demo_build):
         TrainInput("lima_1k", data_dir, tok, 8, MAX_LEN, 0, shard_index=0, num_shards=3)
     with pytest.raises(FileNotFoundError, match="no prepared TFDS"):
         TrainInput("lima_1k", data_dir + "_missing", tok, 8, MAX_LEN, 0)
+
+
+# ---- packing ------------------------------------------------------------------------------------
+def _segments(batch):
+    """{(row, segment id): (input tokens, target tokens, weights, positions)} of a packed batch."""
+    out = {}
+    for r, row in enumerate(batch["decoder_segment_ids"]):
+        for seg in sorted(set(row.tolist()) - {0}):
+            cols = np.flatnonzero(row == seg)
+            assert np.array_equal(cols, np.arange(cols[0], cols[-1] + 1)), "a segment is one contiguous run"
+            out[(r, seg)] = tuple(batch[k][r, cols].tolist() for k in (
+                "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_positions"))
+    return out
+
+
+def test_packed_steps_hold_exactly_the_padded_steps_examples(demo_build):
+    data_dir, tok, _ = demo_build
+    padded = TrainInput("lima_1k", data_dir, tok, B, MAX_LEN, SEED)
+    packed = TrainInput("lima_1k", data_dir, tok, B, MAX_LEN, SEED, packing=True, row_multiple=2)
+    assert packed.buckets and all(b % 2 == 0 for b in packed.buckets)
+    computed = 0
+    for _ in range(2 * padded.steps_per_epoch):
+        rows, pad = next(packed), next(padded)
+        assert packed.get_state() == padded.get_state()
+        assert rows["decoder_input_tokens"].shape[0] in packed.buckets + [B]
+        computed += rows["decoder_input_tokens"].shape[0]
+        want = []
+        for r, ex_id in enumerate(padded.example_ids):
+            if ex_id >= 0:
+                n = int(padded.lengths[ex_id])
+                want.append(tuple(pad[k][r, :n].tolist() for k in (
+                    "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_positions")))
+        assert sorted(_segments(rows).values()) == sorted(want)
+        assert rows["decoder_loss_weights"].sum() == pad["decoder_loss_weights"].sum()
+    assert computed < 2 * padded.steps_per_epoch * B  # the demo's short examples share rows
+
+
+def test_two_hosts_take_blocks_of_the_same_packed_rows(demo_build):
+    data_dir, tok, _ = demo_build
+    one = TrainInput("lima_1k", data_dir, tok, B, MAX_LEN, SEED, packing=True, row_multiple=2)
+    hosts = [TrainInput("lima_1k", data_dir, tok, B, MAX_LEN, SEED, shard_index=h, num_shards=2, packing=True,
+                        row_multiple=2) for h in (0, 1)]
+    assert hosts[0].buckets == one.buckets
+    for _ in range(one.steps_per_epoch):
+        full, parts = next(one), [next(h) for h in hosts]
+        for k in full:
+            assert np.array_equal(np.concatenate([p[k] for p in parts]), full[k])
+
+
+def test_packing_helpers():
+    from data_pipeline import packing
+
+    assert packing.first_fit_decreasing([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]
+    # Buckets cover every need and are multiples; 3 buckets for 4 distinct needs waste the least rows.
+    assert packing.choose_buckets([3, 5, 6, 9, 9, 12], 2) == [6, 10, 12]
+    assert packing.choose_buckets([3, 3, 3], 4, max_buckets=3) == [4]
+    assert packing.bucket_for(7, [4, 8], 32) == 8 and packing.bucket_for(9, [4, 8], 32) == 32
+    with pytest.raises(ValueError, match="outside"):
+        packing.first_fit_decreasing([9], 8)
+
+
+def test_lima_sample_packs_to_within_a_quarter_of_its_tokens(lima_sample_build):
+    """../shared's LIMA sample, LLaMA tokenizer, MAX_LEN 2048, batch 32: computed/real tokens over an
+    epoch ≤ 1.25 packed (rows × MAX_LEN over the non-padding tokens), ≥ 2.5 padded."""
+    data_dir, tok = lima_sample_build
+    ratios = {}
+    for packing in (False, True):
+        it = TrainInput("lima_1k", data_dir, tok, 32, 2048, 0, packing=packing)
+        computed = real = 0
+        for _ in range(it.steps_per_epoch):
+            batch = next(it)
+            computed += batch["decoder_input_tokens"].size
+            real += int((batch["decoder_segment_ids"] > 0).sum())
+        ratios[packing] = computed / real
+    assert ratios[True] <= 1.25 and ratios[False] >= 2.5, ratios

@@ -344,3 +344,84 @@ def test_demo_gin_trains_on_the_demo_data(tmp_path):
     loss = _scalars(model_dir, "loss")
     steps = sorted(loss)
     assert loss[steps[-1]] < loss[steps[0]]
+
+
+# ---- packing ------------------------------------------------------------------------------------
+def _step_on(packing, steps=3):
+    """(metrics of the first step, grads of the first step, params after `steps`) of the tiny float32
+    model without dropout on the fake examples, padded or packed."""
+    from tests.train_fakes import ArrayInput
+
+    gin.clear_config()  # no binding of an earlier test (e.g. LIMA's dropout) reaches model_config
+    config = recipe_lib.model_config(preset="tiny", dtype="float32", param_dtype="float32", platform="cpu",
+                                     residual_dropout=0.0, remat_policy="none", scan_layers=False)
+    r = recipe_lib.Recipe(steps, 8, 32, 1e-3, 1e-3, 0, 0.9, 0.95, 0.1, 1, 0)
+    mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    rules, _ = mesh_lib.logical_rules()
+    data = ArrayInput("fake", None, None, 8, 32, 0, packing=packing)
+    first = next(data)
+    ts = train_step.build_train_step(config, r, mesh, rules, (), total_steps=steps, rows=len(first["decoder_input_tokens"]))
+    state = train_step.init_state(config, ts, 0, None)
+
+    def grads_of(batch):
+        from flax import nnx
+
+        from lima_jax.model import Llama
+        graphdef = nnx.split(nnx.eval_shape(lambda: Llama(config)))[0]
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(batch["decoder_input_tokens"], segment_ids=batch["decoder_segment_ids"],
+                                                  positions=batch["decoder_positions"]).logits
+            total, _, weight = train_step.token_loss(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
+            return total / weight
+        return jax.grad(loss)(state.params)
+
+    grads = grads_of({k: jnp_array(v) for k, v in first.items()})
+    batch = first
+    metrics0 = None
+    for i in range(steps):  # the jitted step traces once per row count
+        state, metrics = ts.fn(state, {k: jnp_array(v) for k, v in batch.items()})
+        metrics0 = metrics0 or jax.device_get(metrics)
+        batch = next(data)
+    return metrics0, grads, state.params, len(first["decoder_input_tokens"])
+
+
+def jnp_array(x):
+    import jax.numpy as jnp
+    return jnp.asarray(x)
+
+
+def test_packed_step_equals_padded_step_without_dropout():
+    m_pad, g_pad, p_pad, rows_pad = _step_on(packing=False)
+    m_pack, g_pack, p_pack, rows_pack = _step_on(packing=True)
+    assert rows_pack < rows_pad == 8  # the fake examples really share rows
+    assert float(m_pack["loss"]) == pytest.approx(float(m_pad["loss"]), rel=1e-5)
+    assert m_pack["loss_tokens"] == m_pad["loss_tokens"] and m_pack["examples"] == m_pad["examples"] == 8
+    for a, b in zip(jax.tree.leaves(g_pack), jax.tree.leaves(g_pad)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+    config = recipe_lib.model_config(preset="tiny", dtype="float32", param_dtype="float32", platform="cpu",
+                                     residual_dropout=0.0)
+    np.testing.assert_allclose(_logits(config, p_pack, TOKENS), _logits(config, p_pad, TOKENS), atol=1e-4, rtol=0)
+
+
+def test_segments_are_isolated_bit_for_bit():
+    """Changing one example's tokens leaves the logits of the other examples in its row unchanged."""
+    import jax.numpy as jnp
+
+    from lima_jax.language_model import build_model
+
+    config = recipe_lib.model_config(preset="tiny", dtype="float32", param_dtype="float32", platform="cpu",
+                                     residual_dropout=0.0)
+    model = build_model(config, seed=0)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 400, (1, 48)).astype(np.int32)
+    segments = np.array([[1] * 20 + [2] * 12 + [3] * 16], np.int32)
+    positions = np.array([list(range(20)) + list(range(12)) + list(range(16))], np.int32)
+    run = jax.jit(lambda t: model(t, segment_ids=jnp.asarray(segments), positions=jnp.asarray(positions)).logits)
+    before = np.asarray(run(jnp.asarray(tokens)))
+    changed = tokens.copy()
+    changed[0, 20:32] = rng.integers(3, 400, 12)
+    after = np.asarray(run(jnp.asarray(changed)))
+    others = segments[0] != 2
+    assert np.array_equal(before[0, others], after[0, others])
+    assert not np.array_equal(before[0, ~others], after[0, ~others])
