@@ -84,12 +84,18 @@ def _train_args(data_dir, tokenizer, model_dir, *extra):
 def model_dir(demo_files, data_dir):
     root, _, tokenizer = demo_files
     out = root / "run"
-    assert_ok(run("lima-train", *_train_args(data_dir, tokenizer, out)))
+    printed = assert_ok(run("lima-train", *_train_args(data_dir, tokenizer, out)))
+    (root / "train_stdout.txt").write_text(printed)
     return out
 
 
 def test_lima_train_runs_then_says_a_finished_run_is_finished(demo_files, data_dir, model_dir):
     assert os.listdir(model_dir / "checkpoints")
+    last = (model_dir.parent / "train_stdout.txt").read_text().strip().splitlines()[-1]
+    assert last.startswith("summary: "), last
+    summary = json.loads(last[len("summary: "):])
+    assert summary["steps"] == 5 and summary["examples"] == 36  # lima_1k of the demo: 36 single-turn, batch 8
+    assert 0 < summary["real_tokens"] < summary["computed_tokens"] and summary["train_s"] > 0 < summary["compile_s"]
     again = assert_ok(run("lima-train", *_train_args(data_dir, demo_files[2], model_dir)))
     assert "already finished" in again
 
