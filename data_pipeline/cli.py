@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.add_argument("--png", default=None, help="where to write the length histogram")
     p.add_argument("--json", default=None, help="also write the numbers as JSON")
+    p.add_argument("--packing", action="store_true",
+                   help="also the computed/real token ratio of an epoch, padded and packed (lima-train's input)")
+    p.add_argument("--batch_size", type=int, default=32, help="with --packing: examples per step (LIMA: 32)")
 
     p = sub.add_parser("curate", help="LIMA §2.1 curation from raw sources")
     cur = p.add_subparsers(dest="curator", required=True)
@@ -104,7 +107,8 @@ def _export(args) -> None:
 def _stats(args) -> None:
     from lima_jax.atomic import atomic_write_text
     from data_pipeline.export import format_stats, stats_report
-    stats = stats_report(args.data_dir, args.mixture, args.split, args.tokenizer, args.max_len, args.png)
+    stats = stats_report(args.data_dir, args.mixture, args.split, args.tokenizer, args.max_len, args.png,
+                         packing_batch=args.batch_size if args.packing else None)
     print(format_stats(stats))
     if args.png:
         print(f"histogram: {args.png}")

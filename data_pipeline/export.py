@@ -65,11 +65,26 @@ def plot_lengths(lengths: np.ndarray, max_len: int, png: str, title: str) -> Non
 
 
 def stats_report(data_dir: str, mixture: str, split: str, tokenizer_path: str, max_len: int,
-                 png: Optional[str] = None) -> dict:
+                 png: Optional[str] = None, packing_batch: Optional[int] = None) -> dict:
+    """The mixture's statistics; with packing_batch, also the computed/real token ratio of one epoch at
+    that batch size, padded and packed (lima-train's own input, one host)."""
     stats = compute_stats(data_dir, mixture, split, tokenizer_path, max_len)
     lengths = stats.pop("_lengths")
     if png:
         plot_lengths(lengths, max_len, png, f"{mixture} ({split}): {len(lengths)} examples")
+    if packing_batch:
+        from data_pipeline.inputs import TrainInput
+
+        ratios = {}
+        for packing in (False, True):
+            it = TrainInput(mixture, data_dir, tokenizer_path, packing_batch, max_len, 0, split=split, packing=packing)
+            computed = real = 0
+            for _ in range(it.steps_per_epoch):
+                batch = next(it)
+                computed += batch["decoder_input_tokens"].size
+                real += int((batch["decoder_segment_ids"] > 0).sum())
+            ratios["packed" if packing else "padded"] = computed / max(real, 1)
+        stats["packing"] = {"batch_size": packing_batch, "computed_per_real": ratios}
     return stats
 
 
@@ -80,4 +95,8 @@ def format_stats(stats: dict) -> str:
     lines.append(f"  tokens: {pct}, max {stats['max_length']}")
     lines.append(f"  truncated at {stats['max_len']}: {stats['percent_truncated']:.1f}%")
     lines.append(f"  loss tokens (after truncation): {stats['loss_tokens']}")
+    if "packing" in stats:
+        r = stats["packing"]["computed_per_real"]
+        lines.append(f"  computed/real tokens at batch {stats['packing']['batch_size']}: padded {r['padded']:.2f}, "
+                     f"packed {r['packed']:.2f}")
     return "\n".join(lines)

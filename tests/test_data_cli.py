@@ -58,7 +58,7 @@ def test_export_and_stats(demo_build, tmp_path, capsys):
     assert all(len(e["input_ids"]) == len(e["loss_mask"]) and e["input_ids"][0] == 1 for e in lines)
     png, js = tmp_path / "lengths.png", tmp_path / "stats.json"
     assert main(["stats", "--data_dir", data_dir, "--tokenizer", tok, "--mixture", "lima_1k_dialogue",
-                 "--max_len", "300", "--png", str(png), "--json", str(js)]) == 0
+                 "--max_len", "300", "--png", str(png), "--json", str(js), "--packing", "--batch_size", "8"]) == 0
     printed = capsys.readouterr().out
     stats = json.load(open(js))
     assert stats["per_source"] == {"authors": 8, "multi_turn": 4, "nlp": 8, "stackexchange": 8, "wikihow": 8,
@@ -66,7 +66,9 @@ def test_export_and_stats(demo_build, tmp_path, capsys):
     full = [e for e in lines if len(e["input_ids"]) == 300]
     assert stats["percent_truncated"] > 0 and len(full) >= round(stats["percent_truncated"] * 40 / 100)
     assert set(stats["length_percentiles"]) == {"p50", "p90", "p95", "p99"}
-    assert "truncated at 300" in printed
+    assert "truncated at 300" in printed and "computed/real tokens at batch 8: padded" in printed
+    ratio = stats["packing"]["computed_per_real"]
+    assert 1.0 <= ratio["packed"] < ratio["padded"], ratio
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
