@@ -100,24 +100,28 @@ class StepInput:
         start = self.shard_index * self.host_batch_size
         return self.global_example_ids(epoch, step)[start:start + self.host_batch_size]
 
+    def _layout(self, ids: np.ndarray) -> list[list[int]]:
+        return packing_lib.first_fit_decreasing(self.lengths[ids[ids >= 0]], self.max_len)
+
     def _packed_rows(self, epoch: int, step: int) -> int:
-        ids = [i for i in self.global_example_ids(epoch, step) if i >= 0]
-        return len(packing_lib.first_fit_decreasing(self.lengths[ids], self.max_len))
+        return len(self._layout(self.global_example_ids(epoch, step)))
+
+    def _bucket(self, needed: int) -> int:
+        fallback = packing_lib.round_up(self.global_batch_size, self.row_multiple)
+        return packing_lib.bucket_for(needed, self.buckets, fallback)
 
     def rows(self, epoch: int, step: int) -> int:
         """The global row count of step `step` of `epoch`."""
-        if not self.packing:
-            return self.global_batch_size
-        fallback = packing_lib.round_up(self.global_batch_size, self.row_multiple)
-        return packing_lib.bucket_for(self._packed_rows(epoch, step), self.buckets, fallback)
+        return self._bucket(self._packed_rows(epoch, step)) if self.packing else self.global_batch_size
 
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         if not self.packing:
             return packing_lib.unpacked(self.features, self.lengths, self.batch_example_ids(epoch, step),
                                         self.max_len)
-        rows = self.rows(epoch, step)
-        both = packing_lib.pack(self.features, self.lengths, self.global_example_ids(epoch, step), rows,
-                                self.max_len)
+        ids = self.global_example_ids(epoch, step)
+        layout = self._layout(ids)  # once per step: it gives both the row count and the rows
+        rows = self._bucket(len(layout))
+        both = packing_lib.pack(self.features, self.lengths, ids, rows, self.max_len, layout=layout)
         per_host = rows // self.num_shards
         return {k: v[self.shard_index * per_host:(self.shard_index + 1) * per_host] for k, v in both.items()}
 

@@ -71,11 +71,14 @@ def bucket_for(rows: int, buckets: Sequence[int], fallback: int) -> int:
     return next((b for b in sorted(buckets) if b >= rows), fallback)
 
 
-def pack(features: dict, lengths: Sequence[int], ids: Sequence[int], num_rows: int, max_len: int) -> dict:
+def pack(features: dict, lengths: Sequence[int], ids: Sequence[int], num_rows: int, max_len: int,
+         layout=None) -> dict:
     """The examples `ids` (indices into the [N, max_len] feature arrays, -1 = none) packed into
-    `num_rows` rows: the token features plus segment ids and positions, all [num_rows, max_len]."""
+    `num_rows` rows: the token features plus segment ids and positions, all [num_rows, max_len].
+    layout: first_fit_decreasing of the real ids' lengths, if the caller has it already."""
     real = [int(i) for i in ids if i >= 0]
-    layout = first_fit_decreasing([int(lengths[i]) for i in real], max_len)
+    if layout is None:
+        layout = first_fit_decreasing([int(lengths[i]) for i in real], max_len)
     if len(layout) > num_rows:
         raise ValueError(f"{len(real)} examples need {len(layout)} rows of {max_len}; got {num_rows}")
     out = {k: np.zeros((num_rows, max_len), features[k].dtype) for k in TOKEN_FEATURES}
