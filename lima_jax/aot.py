@@ -91,13 +91,24 @@ def parse_mesh(text: Optional[str], n_devices: int, batch_size: int) -> dict:
     if not text:
         return default_mesh(n_devices, batch_size)
     sizes = {"data": 1, "fsdp": -1, "tensor": 1}
-    if text:
-        for part in text.split(","):
-            key, _, value = part.partition("=")
-            if key.strip() not in sizes or not value.strip().lstrip("-").isdigit():
-                raise ValueError(f"--mesh {text!r}: expected e.g. data=1,fsdp=64,tensor=4")
-            sizes[key.strip()] = int(value)
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() not in sizes or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"--mesh {text!r}: expected e.g. data=1,fsdp=64,tensor=4")
+        sizes[key.strip()] = int(value)
     return sizes
+
+
+def _resolved(sizes: dict, n_devices: int) -> dict:
+    """Mesh sizes with the one -1 (the rest) filled in; the product must be the slice's devices."""
+    text = ",".join(f"{k}={v}" for k, v in sizes.items())
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"--mesh {text}: at most one axis may be -1")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    resolved = {k: (n_devices // max(known, 1) if v == -1 else v) for k, v in sizes.items()}
+    if math.prod(resolved.values()) != n_devices:
+        raise ValueError(f"--mesh {text} does not multiply to the slice's {n_devices} devices")
+    return resolved
 
 
 def model_flops_per_step(config, batch_size: int, seq_len: int) -> float:
@@ -106,8 +117,33 @@ def model_flops_per_step(config, batch_size: int, seq_len: int) -> float:
     return train_flops(config, batch_size, seq_len)
 
 
+# The real LIMA training set's mean example length (LLaMA tokenizer, `[BOS] + (turn + EOT)*`; measured,
+# the data is not shipped): a packed step of 32 examples fills about 10.5 rows of 2048 tokens.
+LIMA_MEAN_EXAMPLE_TOKENS = 674
+
+
+def packed_rows(batch_size: int, seq_len: int, row_multiple: int, data=None, epochs: int = 1) -> tuple[int, str]:
+    """(rows, how they were found) of the packed step a LIMA run takes most often. data: lima-train's
+    input (`data_pipeline.inputs.StepInput`, packing on, the same row multiple): its buckets over the
+    run's `epochs` × steps, exactly; without it, LIMA's mean example length, rounded up to the row multiple."""
+    from collections import Counter
+
+    from data_pipeline.packing import round_up
+
+    if data is not None:
+        counts = Counter(data.rows(e, s) for e in range(epochs) for s in range(int(data.steps_per_epoch)))
+        rows, n = counts.most_common(1)[0]
+        return rows, f"the data's most used bucket ({n} of {sum(counts.values())} steps; buckets {data.buckets})"
+    rows = min(round_up(math.ceil(batch_size * LIMA_MEAN_EXAMPLE_TOKENS / seq_len), row_multiple),
+               round_up(batch_size, row_multiple))
+    return rows, f"LIMA's mean example length ({LIMA_MEAN_EXAMPLE_TOKENS} tokens) rounded up to {row_multiple} rows"
+
+
 def _configure(model: str, batch_size: int, seq_len: int, remat: Optional[str], extra_gin: list[str]):
-    """The operative recipe and model config of gin/runs/lima_sft.gin for `model`, as lima-train sees them."""
+    """The operative recipe and model config of gin/runs/lima_sft.gin for `model`, as lima-train
+    sees them, and whether the run packs (the PACKING macro)."""
+    import gin
+
     from lima_jax import gin_config, recipe
 
     bindings = [f"BATCH_SIZE={batch_size}", f"MAX_LEN={seq_len}", "INIT_CHECKPOINT=None", "DATA_DIR=None",
@@ -120,21 +156,41 @@ def _configure(model: str, batch_size: int, seq_len: int, remat: Optional[str], 
     config = recipe.model_config(platform="tpu")  # as lima-train builds it on the slice
     # As trained: the EOT row appended by `lima-convert --add_eot`, rows padded to 128 for even sharding.
     config = config.replace(vocab_size=config.vocab_size + 1, vocab_padding_multiple=128)
-    return r, config
+    return r, config, bool(gin.query_parameter("%PACKING"))
 
 
 def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, batch_size: int = 32,
                  seq_len: int = 2048, remat: Optional[str] = None, step: str = "train",
-                 extra_gin: Optional[list[str]] = None) -> dict:
-    """Compiles the step for the slice and returns the report (see the issue's field list)."""
+                 extra_gin: Optional[list[str]] = None, rows: Optional[int] = None, input_for=None) -> dict:
+    """Compiles the step for the slice and returns the report (see the issue's field list).
+
+    The train step is the one lima-train runs most: with PACKING (lima_sft.gin's default) the packed
+    step of `rows` rows (default `packed_rows`, from `input_for(row_multiple, seed)`, lima-train's
+    input for this mesh, when given), else the padded step of batch_size rows. The padded row count
+    bounds every packed bucket's memory."""
+    from jax.sharding import AbstractMesh
+
     from lima_jax import mesh as mesh_lib, train_step
 
     s = get_slice(slice_name)
-    r, config = _configure(model, batch_size, seq_len, remat, extra_gin or [])
-    devices = topology_devices(s)
-    sizes = parse_mesh(mesh_text, len(devices), batch_size)
-    mesh = mesh_lib.make_mesh(devices=devices, **sizes)
+    r, config, packing = _configure(model, batch_size, seq_len, remat, extra_gin or [])
+    sizes = _resolved(parse_mesh(mesh_text, s.devices, batch_size), s.devices)
     rules, fsdp_axes = mesh_lib.logical_rules()
+    if step == "train":  # the rows, checked before libtpu starts (it logs to stderr as it does)
+        batch_sharding = train_step.batch_sharding(AbstractMesh(tuple(sizes.values()), tuple(sizes)), rules)
+        row_multiple = mesh_lib.batch_shards(batch_sharding) * r.grad_accum_steps
+        if rows is not None:
+            if rows <= 0 or rows % row_multiple:
+                raise ValueError(f"--rows {rows} must be a positive multiple of {row_multiple} (the batch's devices "
+                                 f"× microbatches on mesh {sizes})")
+            how = "given"
+        elif packing:
+            data = input_for(row_multiple, r.seed) if input_for else None
+            rows, how = packed_rows(batch_size, seq_len, row_multiple, data, r.num_epochs)
+        else:
+            rows, how = batch_size, "padded (PACKING = False)"
+    devices = topology_devices(s)
+    mesh = mesh_lib.make_mesh(devices=devices, **sizes)
     t0 = time.perf_counter()
     report = {
         "model": model, "topology": s.name, "topology_string": s.topology, "chips": s.chips,
@@ -144,9 +200,11 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
     }
     try:
         if step == "train":
-            ts = train_step.build_train_step(config, r, mesh, rules, fsdp_axes, total_steps=1)
+            report.update(packing=packing, rows=rows, rows_from=how)
+            ts = train_step.build_train_step(config, r, mesh, rules, fsdp_axes, total_steps=1, rows=rows)
             lowered = ts.fn.lower(ts.abstract_state, ts.abstract_batch)
-            report["model_flops_per_step"] = model_flops_per_step(config, batch_size, seq_len)
+            # Model flops of the rows computed (a packed row costs what a padded one does).
+            report["model_flops_per_step"] = model_flops_per_step(config, rows, seq_len)
         elif step == "decode":
             from lima_jax import decoding
 
@@ -203,9 +261,10 @@ TABLE_SLICES = {"v4": ("v4-8", "v4-16", "v4-32", "v4-64", "v4-128", "v4-256", "v
 
 
 def smallest_fitting(model: str, slices: tuple[str, ...], batch_size: int, seq_len: int, log=print) -> dict:
-    """Tries slices in increasing size; the first whose compiled step fits wins."""
+    """Tries slices in increasing size; the first whose compiled step fits wins. The step has
+    batch_size rows, the padded count: the largest step a packed run can take (its fallback bucket)."""
     for name in slices:
-        report = compile_step(model, name, batch_size=batch_size, seq_len=seq_len)
+        report = compile_step(model, name, batch_size=batch_size, seq_len=seq_len, rows=batch_size)
         log(f"  {model} on {name}: {'fits' if report['fits'] else 'does not fit'} "
             f"({_gib(report.get('per_device_bytes'))} per device; compile {report['compile_s']} s)")
         if report["fits"]:
@@ -226,7 +285,8 @@ def fit_table(batch_size: int = 32, seq_len: int = 2048, log=print) -> str:
         rows.append(f"| {model} | " + " | ".join(cells) + " |")
     version = getattr(libtpu, "__version__", "?")
     head = (f"Smallest slice that fits LIMA SFT (batch {batch_size} × {seq_len}, AdamW fp32 state, bf16 compute, "
-            f"full remat; FSDP over as many devices as the batch has rows, tensor parallel over the rest), "
+            f"full remat; {batch_size} rows, the most a packed step takes; FSDP over as many devices as the "
+            f"batch has rows, tensor parallel over the rest), "
             f"compiled by libtpu {version} on "
             f"{datetime.date.today().isoformat()} (per-device bytes / HBM per device):\n\n"
             "| model | v4 | v5p |\n|---|---|---|")
@@ -243,8 +303,9 @@ def write_json(path: str, obj: dict) -> None:
 
 def describe(report: dict) -> str:
     verdict = "FITS" if report["fits"] else "DOES NOT FIT"
+    rows = f", {report['rows']} rows of {report['seq_len']} ({report['rows_from']})" if "rows" in report else ""
     lines = [f"{report['model']} {report['step']} step on {report['topology']} ({report['n_devices']} devices, "
-             f"mesh {report['mesh']}): {verdict}",
+             f"mesh {report['mesh']}{rows}): {verdict}",
              f"  per device: {_gib(report.get('per_device_bytes'))} of {_gib(report['hbm_bytes'])} HBM; "
              f"compile {report['compile_s']} s"]
     if report.get("flops_per_step"):
@@ -279,7 +340,7 @@ def golden_specs(model: str = "llama_65b", slice_name: str = "v4-256", batch_siz
     """The partition specs of `model` as lima-aot would train it on `slice_name` (default mesh)."""
     from lima_jax import mesh as mesh_lib
 
-    _, config = _configure(model, batch_size, 2048, None, [])
+    _, config, _ = _configure(model, batch_size, 2048, None, [])
     rules, _ = mesh_lib.logical_rules()
     mesh_shape = default_mesh(get_slice(slice_name).devices, batch_size)
     return {"model": model, "slice": slice_name, "mesh": mesh_shape,

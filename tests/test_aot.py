@@ -63,18 +63,20 @@ def _tiny_compile(monkeypatch, **kwargs):
         return ts._replace(fn=Spy(ts.fn))
 
     monkeypatch.setattr(train_step, "build_train_step", spy_build)
-    report = aot.compile_step("tiny", "v4-8", batch_size=8, seq_len=64, **kwargs)
+    kwargs = {"batch_size": 8, "seq_len": 64, **kwargs}
+    report = aot.compile_step("tiny", "v4-8", **kwargs)
     return report, calls
 
 
 @needs_libtpu
 def test_compiles_the_very_train_step_lima_train_uses(monkeypatch):
-    report, calls = _tiny_compile(monkeypatch)
+    report, calls = _tiny_compile(monkeypatch, extra_gin=["PACKING=False"])
     ts, lowered_with = calls
     # the function lowered is train_step.build_train_step's own jitted step, on its own abstract inputs
     assert isinstance(ts, train_step.TrainStep)
     assert lowered_with == (ts.abstract_state, ts.abstract_batch)
     assert report["fits"] is True and report["n_devices"] == 8
+    assert report["packing"] is False and report["rows"] == 8
 
 
 @needs_libtpu
@@ -122,3 +124,43 @@ def test_decode_step_compiles_the_generate_loop_body(monkeypatch):
     report = aot.compile_step("tiny", "v4-8", batch_size=8, seq_len=128, step="decode")
     assert traced, "lima-aot --step decode must lower decoding.decode_step, the loop body of lm.generate"
     assert report["fits"] is True and report["per_device_bytes"] > 0 and report["step"] == "decode"
+
+
+def test_packed_rows_from_lima_lengths_or_from_the_data():
+    """Without data: LIMA's mean example (674 tokens) × 32 fills 10.5 rows of 2048, rounded up to the
+    batch's devices (never above the padded rows). With lima-train's input: its most used bucket."""
+    from collections import Counter
+
+    from tests.train_fakes import fake_examples
+    from data_pipeline.inputs import StepInput
+
+    assert aot.packed_rows(32, 2048, 1)[0] == 11
+    assert aot.packed_rows(32, 2048, 8)[0] == 16
+    assert aot.packed_rows(32, 2048, 32)[0] == 32
+    assert aot.packed_rows(32, 512, 8)[0] == 32
+    data = StepInput(*fake_examples(64), 12, 64, seed=0, packing=True, row_multiple=2)
+    used = Counter(data.rows(e, s) for e in range(3) for s in range(data.steps_per_epoch))
+    rows, how = aot.packed_rows(12, 64, 2, data, epochs=3)
+    assert rows == used.most_common(1)[0][0] < 12 and "bucket" in how
+
+
+@needs_libtpu
+def test_compiles_the_packed_step_lima_train_runs_most(monkeypatch):
+    from tests.train_fakes import fake_examples
+    from data_pipeline.inputs import StepInput
+
+    made = []
+
+    def input_for(row_multiple, seed):
+        made.append(row_multiple)
+        return StepInput(*fake_examples(64), 24, 64, seed, packing=True, row_multiple=row_multiple)
+
+    report, calls = _tiny_compile(monkeypatch, mesh_text="fsdp=2,tensor=4", input_for=input_for, batch_size=24)
+    expected, _ = aot.packed_rows(24, 64, 2, input_for(2, 0), epochs=15)
+    _, (_, batch) = calls
+    assert made[0] == 2 and report["packing"] is True
+    assert report["rows"] == expected < 24 and batch["decoder_input_tokens"].shape == (expected, 64)
+    assert report["model_flops_per_step"] == train_step.model_flops_per_step(
+        aot._configure("tiny", 24, 64, None, [])[1], expected, 64)
+    with pytest.raises(ValueError, match="multiple of 2"):
+        aot.compile_step("tiny", "v4-8", "fsdp=2,tensor=4", batch_size=8, seq_len=64, rows=3)

@@ -227,7 +227,12 @@ def test_lima_aot_one_tiny_compile(tmp_path):
     out = tmp_path / "report.json"
     assert_ok(run("lima-aot", "--model", "tiny", "--topology", "v4-8", "--batch_size", 8, "--seq_len", 64,
                   "--json", out))
-    assert json.loads(out.read_text())["fits"] is True
+    report = json.loads(out.read_text())
+    assert report["fits"] is True and report["packing"] is True and report["rows"] == 8
+    out.unlink()
+    assert_bad_input(run("lima-aot", "--model", "tiny", "--topology", "v4-8", "--batch_size", 8, "--seq_len", 64,
+                         "--rows", 3, "--json", out), "lima-aot", "--rows 3")
+    assert not out.exists()
 
 
 def test_lima_aot_bad_input(tmp_path):
@@ -235,4 +240,6 @@ def test_lima_aot_bad_input(tmp_path):
     assert_bad_input(run("lima-aot", "--topology", "v9-8", "--json", out), "lima-aot", "v9-8")
     assert_bad_input(run("lima-aot", "--model", "llama_1b", "--topology", "v4-8", "--json", out), "lima-aot",
                      "llama_1b")
+    assert_bad_input(run("lima-aot", "--model", "tiny", "--topology", "v4-8", "--mesh", "fsdp=3", "--json", out),
+                     "lima-aot", "fsdp=3")
     assert not out.exists()

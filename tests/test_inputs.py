@@ -136,10 +136,16 @@ def _segments(batch):
     return out
 
 
-def test_packed_steps_hold_exactly_the_padded_steps_examples(demo_build):
+@pytest.mark.parametrize("mixture", ["lima_1k", "lima_1k_dialogue"])
+def test_packed_steps_hold_exactly_the_padded_steps_examples(demo_build, mixture):
+    """Every example of a padded step (multi-turn ones too: several weighted assistant turns) is in the
+    packed step once, with the same tokens, targets, loss weights and positions."""
     data_dir, tok, _ = demo_build
-    padded = TrainInput("lima_1k", data_dir, tok, B, MAX_LEN, SEED)
-    packed = TrainInput("lima_1k", data_dir, tok, B, MAX_LEN, SEED, packing=True, row_multiple=2)
+    padded = TrainInput(mixture, data_dir, tok, B, MAX_LEN, SEED)
+    packed = TrainInput(mixture, data_dir, tok, B, MAX_LEN, SEED, packing=True, row_multiple=2)
+    multi_turn = {i for i, ex in enumerate(padded.examples) if ex["source"] == "multi_turn"}
+    assert bool(multi_turn) == (mixture == "lima_1k_dialogue")
+    seen = set()
     assert packed.buckets and all(b % 2 == 0 for b in packed.buckets)
     computed = 0
     for _ in range(2 * padded.steps_per_epoch):
@@ -155,6 +161,8 @@ def test_packed_steps_hold_exactly_the_padded_steps_examples(demo_build):
                     "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights", "decoder_positions")))
         assert sorted(_segments(rows).values()) == sorted(want)
         assert rows["decoder_loss_weights"].sum() == pad["decoder_loss_weights"].sum()
+        seen |= set(padded.example_ids[padded.example_ids >= 0].tolist())
+    assert multi_turn <= seen
     assert computed < 2 * padded.steps_per_epoch * B  # the demo's short examples share rows
 
 

@@ -27,6 +27,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--remat", choices=REMAT_POLICIES,
                         help="override the model gin's remat policy")
     parser.add_argument("--step", choices=["train", "decode"], default="train")
+    parser.add_argument("--rows", type=int,
+                        help="rows of the train step's batch (default: the packed bucket a LIMA run uses most, "
+                             "from --data_dir when given, else from LIMA's mean example length; batch_size with "
+                             "PACKING=False)")
+    parser.add_argument("--data_dir", help="TFDS data (lima-data build) whose packed buckets give --rows, as lima-train "
+                                           "would choose them on this mesh (needs --tokenizer)")
+    parser.add_argument("--tokenizer", help="the tokenizer.model the data is tokenized with")
+    parser.add_argument("--mixture", default="lima_1k", help="mixture of --data_dir (default lima_1k)")
     parser.add_argument("--gin_bindings", action="append", default=[], help="extra gin binding (repeatable)")
     parser.add_argument("--json", help="write the report here (JSON)")
     parser.add_argument("--table", action="store_true",
@@ -37,8 +45,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             table = aot.fit_table(args.batch_size, args.seq_len, log=lambda s: print(s, file=sys.stderr, flush=True))
             print(table)
             return 0
+        if args.data_dir and not args.tokenizer:
+            raise ValueError("--data_dir needs --tokenizer (the tokenizer.model it is tokenized with)")
+        input_for = None
+        if args.data_dir:
+            def input_for(row_multiple, seed):
+                from data_pipeline.inputs import TrainInput
+
+                return TrainInput(args.mixture, args.data_dir, args.tokenizer, args.batch_size, args.seq_len, seed,
+                                  packing=True, row_multiple=row_multiple)
         report = aot.compile_step(args.model, args.topology, args.mesh, args.batch_size, args.seq_len, args.remat,
-                                  args.step, args.gin_bindings)
+                                  args.step, args.gin_bindings, rows=args.rows, input_for=input_for)
     except (*INPUT_ERRORS, RuntimeError) as e:  # RuntimeError: no TPU compiler here (the 'tpu' extra)
         return input_error(parser.prog, e)
     print(aot.describe(report))
