@@ -273,6 +273,10 @@ def test_8_devices_fsdp_tensor_match_1_device(run_1dev, run_8dev):
     # Adam is blind to a gradient's scale, so compare the gradient norms too.
     g1, g8 = _scalars(run_1dev, "grad_norm"), _scalars(run_8dev, "grad_norm")
     np.testing.assert_allclose([g8[s] for s in sorted(g1)], [g1[s] for s in sorted(g1)], rtol=1e-4)
+    # Both runs pack (train_fake.gin): one device in rows of 2 (the microbatches), 8 devices in rows of
+    # 8 (data × fsdp × microbatches), so the same packed layout with more empty rows appended.
+    r1, r8 = _scalars(run_1dev, "rows"), _scalars(run_8dev, "rows")
+    assert min(r1.values()) < 8 and set(r8.values()) == {8}, (r1, r8)
 
 
 def test_two_processes_reproduce_one_process(run_8dev, tmp_path):
