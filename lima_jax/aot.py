@@ -62,6 +62,59 @@ def get_slice(name: str) -> Slice:
     return SLICES[name]
 
 
+# bf16 peak FLOP/s per chip, as Google publishes them: what predicted MFU is measured against. (The
+# compiler's own cost model peaks at 137 TFLOP/s per v4 device, half a chip, and 394 per v5p chip.)
+CHIP_PEAK_FLOPS = {"v4": 275e12, "v5p": 459e12, "v5e": 197e12}
+# Depths at which the layer stack is compiled unrolled to predict the whole step (the compiler's cost
+# analysis counts a scanned loop's body once): time is linear in the layers, so two depths fix it.
+PREDICT_DEPTHS = (2, 3)
+
+
+def chip_peak_flops(s: Slice) -> float:
+    return CHIP_PEAK_FLOPS[s.name.split("-")[0]]
+
+
+def program_cost(compiled) -> dict:
+    """The compiler's cost analysis of one device's program: flops, bytes accessed, optimal_seconds."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return dict(cost or {})
+
+
+def optimal_seconds(compiled) -> float:
+    """The TPU compiler's roofline time for the program (its cost model; CPU compiles have none)."""
+    cost = program_cost(compiled)
+    if "optimal_seconds" not in cost:
+        raise RuntimeError("the compiler reports no optimal_seconds: only TPU compiles predict time")
+    return float(cost["optimal_seconds"])
+
+
+def extend_linearly(at: dict, depth: int) -> float:
+    """The value at `depth` of the line through the two (depth, value) points of `at` (or the value
+    itself when `at` holds `depth`)."""
+    if depth in at:
+        return at[depth]
+    (d0, v0), (d1, v1) = sorted(at.items())[:2]
+    return v0 + (depth - d0) * (v1 - v0) / (d1 - d0)
+
+
+def predict_by_depth(lower_at, num_layers: int) -> dict:
+    """Predicted seconds and bytes accessed per device of a program with `num_layers` layers, from
+    compiles of `lower_at(depth)` (the program with its layer loop unrolled, `depth` layers): at every
+    layer when the model has at most max(PREDICT_DEPTHS) layers, else at PREDICT_DEPTHS, extended."""
+    depths = (num_layers,) if num_layers <= max(PREDICT_DEPTHS) else PREDICT_DEPTHS
+    seconds, moved = {}, {}
+    for d in depths:
+        compiled = lower_at(d).compile()
+        seconds[d] = optimal_seconds(compiled)
+        moved[d] = float(program_cost(compiled).get("bytes accessed", 0.0))
+    method = (f"unrolled at all {num_layers} layers" if len(depths) == 1 else
+              f"unrolled at {depths[0]} and {depths[1]} layers, extended linearly to {num_layers}")
+    return {"predicted_step_s": extend_linearly(seconds, num_layers),
+            "predicted_bytes_per_device": extend_linearly(moved, num_layers),
+            "prediction_method": method, "predicted_s_at_depths": {str(d): t for d, t in seconds.items()}}
+
+
 def topology_devices(s: Slice) -> list:
     from jax.experimental import topologies
 
@@ -161,13 +214,15 @@ def _configure(model: str, batch_size: int, seq_len: int, remat: Optional[str], 
 
 def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, batch_size: int = 32,
                  seq_len: int = 2048, remat: Optional[str] = None, step: str = "train",
-                 extra_gin: Optional[list[str]] = None, rows: Optional[int] = None, input_for=None) -> dict:
+                 extra_gin: Optional[list[str]] = None, rows: Optional[int] = None, input_for=None,
+                 predict: bool = True) -> dict:
     """Compiles the step for the slice and returns the report (see the issue's field list).
 
     The train step is the one lima-train runs most: with PACKING (lima_sft.gin's default) the packed
     step of `rows` rows (default `packed_rows`, from `input_for(row_multiple, seed)`, lima-train's
     input for this mesh, when given), else the padded step of batch_size rows. The padded row count
-    bounds every packed bucket's memory."""
+    bounds every packed bucket's memory. predict: also the compiler's predicted step time, MFU and
+    tokens/s (`predict_by_depth`: more compiles) when the step fits."""
     from jax.sharding import AbstractMesh
 
     from lima_jax import mesh as mesh_lib, train_step
@@ -196,13 +251,16 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
         "model": model, "topology": s.name, "topology_string": s.topology, "chips": s.chips,
         "mesh": dict(mesh.shape), "n_devices": len(devices), "step": step, "batch_size": batch_size,
         "seq_len": seq_len, "remat": config.remat_policy, "hbm_bytes": s.hbm_per_device,
-        "n_params": config.num_params(),
+        "n_params": config.num_params(), "attention_kernel": getattr(config, "attention_kernel", None) or "xla",
     }
     try:
         if step == "train":
             report.update(packing=packing, rows=rows, rows_from=how)
-            ts = train_step.build_train_step(config, r, mesh, rules, fsdp_axes, total_steps=1, rows=rows)
-            lowered = ts.fn.lower(ts.abstract_state, ts.abstract_batch)
+            def lower_at(c):
+                ts = train_step.build_train_step(c, r, mesh, rules, fsdp_axes, total_steps=1, rows=rows)
+                return ts.fn.lower(ts.abstract_state, ts.abstract_batch)
+
+            lowered = lower_at(config)
             # Model flops of the rows computed (a packed row costs what a padded one does).
             report["model_flops_per_step"] = model_flops_per_step(config, rows, seq_len)
         elif step == "decode":
@@ -210,7 +268,11 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
 
             # Inference as lima-decode runs it: bf16 weights, no dropout, a cache of seq_len slots.
             config = config.replace(dtype="bfloat16", param_dtype="bfloat16", residual_dropout=0.0)
-            lowered = decoding.lower_decode_step(config, mesh, rules, batch_size, seq_len)
+
+            def lower_at(c):
+                return decoding.lower_decode_step(c, mesh, rules, batch_size, seq_len)
+
+            lowered = lower_at(config)
             report["model_flops_per_step"] = 2.0 * (config.num_params() - config.vocab_size * config.hidden_size) \
                 * batch_size
         else:
@@ -247,6 +309,14 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
     if not report["fits"]:
         report["reason"] = (f"needs {per_device / GIB:.2f} GiB per device (arguments + outputs + temporaries − "
                             f"aliased), the device has {s.hbm_per_device / GIB:.2f} GiB")
+    elif predict:
+        report.update(predict_by_depth(lambda d: lower_at(config.replace(num_layers=d, scan_layers=False)),
+                                       config.num_layers))
+        step_s = report["predicted_step_s"]
+        report["predicted_mfu"] = report["model_flops_per_step"] / (step_s * s.chips * chip_peak_flops(s))
+        tokens = rows * seq_len if step == "train" else batch_size  # computed tokens (train) / new tokens (decode)
+        report["predicted_tokens_per_s_per_chip"] = tokens / step_s / s.chips
+        report["compile_s"] = round(time.perf_counter() - t0, 1)
     return report
 
 
@@ -311,6 +381,12 @@ def describe(report: dict) -> str:
     if report.get("flops_per_step"):
         lines.append(f"  flops/step {report['flops_per_step']:.3e} (compiler), model flops/step "
                      f"{report['model_flops_per_step']:.3e}")
+    if report.get("predicted_step_s"):
+        unit = "tokens computed" if report["step"] == "train" else "new tokens"
+        lines.append(f"  predicted by the TPU compiler: {report['predicted_step_s']:.4g} s/step, MFU "
+                     f"{report['predicted_mfu']:.1%}, {report['predicted_tokens_per_s_per_chip']:,.0f} {unit}/s per "
+                     f"chip, {report['predicted_bytes_per_device'] / GIB:.3g} GiB moved per device per step "
+                     f"({report['prediction_method']}; remat {report['remat']}, attention {report['attention_kernel']})")
     if not report["fits"]:
         lines.append(f"  reason: {report.get('reason')}")
     return "\n".join(lines)

@@ -71,7 +71,7 @@ def _tiny_compile(monkeypatch, **kwargs):
 @needs_libtpu
 def test_compiles_the_very_train_step_lima_train_uses(monkeypatch):
     report, calls = _tiny_compile(monkeypatch, extra_gin=["PACKING=False"])
-    ts, lowered_with = calls
+    ts, lowered_with = calls[:2]  # then the prediction's unrolled compiles
     # the function lowered is train_step.build_train_step's own jitted step, on its own abstract inputs
     assert isinstance(ts, train_step.TrainStep)
     assert lowered_with == (ts.abstract_state, ts.abstract_batch)
@@ -157,10 +157,62 @@ def test_compiles_the_packed_step_lima_train_runs_most(monkeypatch):
 
     report, calls = _tiny_compile(monkeypatch, mesh_text="fsdp=2,tensor=4", input_for=input_for, batch_size=24)
     expected, _ = aot.packed_rows(24, 64, 2, input_for(2, 0), epochs=15)
-    _, (_, batch) = calls
+    _, (_, batch) = calls[:2]
     assert made[0] == 2 and report["packing"] is True
     assert report["rows"] == expected < 24 and batch["decoder_input_tokens"].shape == (expected, 64)
     assert report["model_flops_per_step"] == train_step.model_flops_per_step(
         aot._configure("tiny", 24, 64, None, [])[1], expected, 64)
     with pytest.raises(ValueError, match="multiple of 2"):
         aot.compile_step("tiny", "v4-8", "fsdp=2,tensor=4", batch_size=8, seq_len=64, rows=3)
+
+
+# ---- the TPU compiler's predicted speed -------------------------------------------------------------
+@needs_libtpu
+@pytest.mark.parametrize("slice_name,cost_model_peak", [("v4-8", 137e12), ("v5p-8", 394e12)])
+def test_predicted_time_of_one_matmul_is_its_flops_over_the_cost_models_peak(slice_name, cost_model_peak):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    device = aot.topology_devices(aot.get_slice(slice_name))[0]
+    a = jax.ShapeDtypeStruct((8192, 8192), jnp.bfloat16, sharding=NamedSharding(Mesh([device], ("x",)), PartitionSpec()))
+    compiled = jax.jit(jnp.matmul).lower(a, a).compile()
+    assert aot.optimal_seconds(compiled) == pytest.approx(2 * 8192 ** 3 / cost_model_peak, rel=0.05)
+
+
+def test_extend_linearly():
+    assert aot.extend_linearly({2: 1.0, 3: 1.5}, 32) == pytest.approx(16.0)
+    assert aot.extend_linearly({2: 1.0}, 2) == 1.0
+
+
+@needs_libtpu
+def test_prediction_extended_from_two_depths_equals_the_unrolled_whole():
+    """A 4-layer tiny model: its step predicted from unrolled compiles at 2 and 3 layers equals the
+    unrolled 4-layer compile's optimal_seconds within 2%."""
+    from lima_jax import mesh as mesh_lib
+
+    r, config, _ = aot._configure("tiny", 8, 256, None, [])
+    devices = aot.topology_devices(aot.get_slice("v4-8"))
+    mesh = mesh_lib.make_mesh(devices=devices, data=1, fsdp=8, tensor=1)
+    rules, fsdp_axes = mesh_lib.logical_rules()
+
+    def lower_at(depth):
+        ts = train_step.build_train_step(config.replace(num_layers=depth, scan_layers=False), r, mesh, rules,
+                                         fsdp_axes, total_steps=1, rows=8)
+        return ts.fn.lower(ts.abstract_state, ts.abstract_batch)
+
+    predicted = aot.predict_by_depth(lower_at, 4)
+    assert predicted["prediction_method"] == "unrolled at 2 and 3 layers, extended linearly to 4"
+    whole = aot.optimal_seconds(lower_at(4).compile())
+    assert predicted["predicted_step_s"] == pytest.approx(whole, rel=0.02)
+    assert set(predicted["predicted_s_at_depths"]) == {"2", "3"}
+
+
+@needs_libtpu
+def test_report_predicts_mfu_and_tokens_per_chip(monkeypatch):
+    report, _ = _tiny_compile(monkeypatch)
+    chips, peak = 4, aot.CHIP_PEAK_FLOPS["v4"]
+    assert report["predicted_step_s"] > 0 and report["attention_kernel"] and report["remat"]
+    assert report["predicted_mfu"] == pytest.approx(report["model_flops_per_step"] / (report["predicted_step_s"] * chips * peak))
+    assert report["predicted_tokens_per_s_per_chip"] == pytest.approx(8 * 64 / report["predicted_step_s"] / chips)
+    assert "MFU" in aot.describe(report)
