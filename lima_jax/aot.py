@@ -54,6 +54,11 @@ for _cores in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096):
     SLICES[f"v5p-{_cores}"] = _v4_like("v5p", _cores, 95, 1)
 for _chips in (1, 4, 8, 16, 32, 64, 128, 256):
     SLICES[f"v5e-{_chips}"] = _v5e(_chips)
+# This machine's CPU devices (lima-aot sets XLA_FLAGS=--xla_force_host_platform_device_count=N): the
+# planner's fast path for tests, where a step's time is measured by running it, not predicted.
+for _n in (1, 2, 4, 8):
+    SLICES[f"cpu-{_n}"] = Slice(f"cpu-{_n}", "cpu", _n, _n,
+                                os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // _n)
 
 
 def get_slice(name: str) -> Slice:
@@ -70,8 +75,8 @@ CHIP_PEAK_FLOPS = {"v4": 275e12, "v5p": 459e12, "v5e": 197e12}
 PREDICT_DEPTHS = (2, 3)
 
 
-def chip_peak_flops(s: Slice) -> float:
-    return CHIP_PEAK_FLOPS[s.name.split("-")[0]]
+def chip_peak_flops(s: Slice) -> Optional[float]:
+    return CHIP_PEAK_FLOPS.get(s.name.split("-")[0])
 
 
 def program_cost(compiled) -> dict:
@@ -98,6 +103,22 @@ def extend_linearly(at: dict, depth: int) -> float:
     return v0 + (depth - d0) * (v1 - v0) / (d1 - d0)
 
 
+def measure_step(compiled, abstract_args, repeats: int = 3) -> dict:
+    """Best of `repeats` runs of the compiled step on zero inputs, after one warm-up: the CPU devices'
+    stand-in for the TPU compiler's prediction (they have no cost model)."""
+    import jax
+    import numpy as np
+
+    times = []
+    for _ in range(repeats + 1):
+        args = jax.tree.map(lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), abstract_args)
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t)
+    return {"predicted_step_s": min(times[1:]),
+            "prediction_method": f"measured on this machine's CPU devices (best of {repeats} runs)"}
+
+
 def predict_by_depth(lower_at, num_layers: int) -> dict:
     """Predicted seconds and bytes accessed per device of a program with `num_layers` layers, from
     compiles of `lower_at(depth)` (the program with its layer loop unrolled, `depth` layers): at every
@@ -116,7 +137,15 @@ def predict_by_depth(lower_at, num_layers: int) -> dict:
 
 
 def topology_devices(s: Slice) -> list:
+    import jax
     from jax.experimental import topologies
+
+    if s.topology == "cpu":
+        devices = jax.devices("cpu")
+        if len(devices) < s.devices:
+            raise RuntimeError(f"{s.name} needs {s.devices} CPU devices, this process has {len(devices)} (set "
+                               f"XLA_FLAGS=--xla_force_host_platform_device_count={s.devices} before JAX starts)")
+        return devices[:s.devices]
 
     # Compiling touches no TPU, so two AOT processes (or a test run beside a lima-aot run) may share
     # libtpu; without this its lockfile refuses the second one.
@@ -256,11 +285,16 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
     try:
         if step == "train":
             report.update(packing=packing, rows=rows, rows_from=how)
+            def build(c):
+                return train_step.build_train_step(c, r, mesh, rules, fsdp_axes, total_steps=1, rows=rows)
+
             def lower_at(c):
-                ts = train_step.build_train_step(c, r, mesh, rules, fsdp_axes, total_steps=1, rows=rows)
+                ts = build(c)
                 return ts.fn.lower(ts.abstract_state, ts.abstract_batch)
 
-            lowered = lower_at(config)
+            ts = build(config)
+            abstract_args = (ts.abstract_state, ts.abstract_batch)
+            lowered = ts.fn.lower(*abstract_args)
             # Model flops of the rows computed (a packed row costs what a padded one does).
             report["model_flops_per_step"] = model_flops_per_step(config, rows, seq_len)
         elif step == "decode":
@@ -309,11 +343,14 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
     if not report["fits"]:
         report["reason"] = (f"needs {per_device / GIB:.2f} GiB per device (arguments + outputs + temporaries − "
                             f"aliased), the device has {s.hbm_per_device / GIB:.2f} GiB")
-    elif predict:
-        report.update(predict_by_depth(lambda d: lower_at(config.replace(num_layers=d, scan_layers=False)),
-                                       config.num_layers))
-        step_s = report["predicted_step_s"]
-        report["predicted_mfu"] = report["model_flops_per_step"] / (step_s * s.chips * chip_peak_flops(s))
+    elif predict and (s.topology != "cpu" or step == "train"):
+        if s.topology == "cpu":
+            report.update(measure_step(compiled, abstract_args))
+        else:
+            report.update(predict_by_depth(lambda d: lower_at(config.replace(num_layers=d, scan_layers=False)),
+                                           config.num_layers))
+        step_s, peak = report["predicted_step_s"], chip_peak_flops(s)
+        report["predicted_mfu"] = report["model_flops_per_step"] / (step_s * s.chips * peak) if peak else None
         tokens = rows * seq_len if step == "train" else batch_size  # computed tokens (train) / new tokens (decode)
         report["predicted_tokens_per_s_per_chip"] = tokens / step_s / s.chips
         report["compile_s"] = round(time.perf_counter() - t0, 1)
@@ -367,6 +404,10 @@ def _gib(b) -> str:
     return "n/a" if b is None else f"{b / GIB:.1f} GiB"
 
 
+def _percent(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
 def write_json(path: str, obj: dict) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -383,9 +424,9 @@ def describe(report: dict) -> str:
                      f"{report['model_flops_per_step']:.3e}")
     if report.get("predicted_step_s"):
         unit = "tokens computed" if report["step"] == "train" else "new tokens"
-        lines.append(f"  predicted by the TPU compiler: {report['predicted_step_s']:.4g} s/step, MFU "
-                     f"{report['predicted_mfu']:.1%}, {report['predicted_tokens_per_s_per_chip']:,.0f} {unit}/s per "
-                     f"chip, {report['predicted_bytes_per_device'] / GIB:.3g} GiB moved per device per step "
+        lines.append(f"  predicted: {report['predicted_step_s']:.4g} s/step, MFU "
+                     f"{_percent(report['predicted_mfu'])}, {report['predicted_tokens_per_s_per_chip']:,.0f} {unit}/s "
+                     f"per chip, {_gib(report.get('predicted_bytes_per_device'))} moved per device per step "
                      f"({report['prediction_method']}; remat {report['remat']}, attention {report['attention_kernel']})")
     if not report["fits"]:
         lines.append(f"  reason: {report.get('reason')}")

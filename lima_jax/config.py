@@ -10,7 +10,21 @@ from typing import Any, Optional
 #        | {"rope_type": "llama3", "factor": f, "low_freq_factor": a, "high_freq_factor": b,
 #           "original_max_position_embeddings": n}
 ROPE_TYPES = ("linear", "llama3")
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")  # model.remat_policy maps them
+# Activations a layer names for remat (jax.ad_checkpoint.checkpoint_name in model.py), and the named
+# policies that save them: everything else in the layer is recomputed in the backward pass.
+REMAT_SAVED_NAMES = {
+    "qkv": ("query_proj", "key_proj", "value_proj"),
+    "qkv_attn": ("query_proj", "key_proj", "value_proj", "attention_out"),
+    "qkv_attn_mlp_in": ("query_proj", "key_proj", "value_proj", "attention_out", "mlp_in"),
+}
+# "none" keeps every activation, "full" recomputes each layer; "dots*" save matmul outputs (jax's
+# policies); a REMAT_SAVED_NAMES key saves those activations; "offload_<key>" keeps them in host
+# memory instead of HBM (TPU). model.remat_policy maps each name to jax.checkpoint's policy.
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", *REMAT_SAVED_NAMES,
+                  *(f"offload_{k}" for k in REMAT_SAVED_NAMES))
+# Attention without a KV cache: XLA's blocked attention (attention.py) or the Pallas splash kernel
+# (splash_attention.py). None in a config: by platform, see default_attention_kernel.
+ATTENTION_KERNELS = ("xla", "splash")
 CONFIG_FILE = "lima_config.json"  # a LlamaConfig as JSON, in converted checkpoints and training model_dirs
 
 
@@ -33,6 +47,7 @@ class LlamaConfig:
     remat_policy: str = "none"
     scan_layers: bool = True
     attention_block: int = 128  # query rows per block of XLA's causal attention (attention.py; not the CPU fused calls)
+    attention_kernel: Optional[str] = None  # ATTENTION_KERNELS; None: by platform (default_attention_kernel)
     residual_dropout: float = 0.0  # LIMA: 0.3 at the top layer, rising linearly from 0 at the bottom
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -50,6 +65,9 @@ class LlamaConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
         if self.attention_block < 1:
             raise ValueError(f"attention_block={self.attention_block} must be >= 1")
+        if self.attention_kernel is not None and self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention_kernel={self.attention_kernel!r}; expected one of {ATTENTION_KERNELS} "
+                             f"or None (by platform)")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if self.rope_scaling is not None:
@@ -173,6 +191,11 @@ class LlamaConfig:
         if self.eot_token_id is not None:
             d["eot_token_id"] = self.eot_token_id
         return d
+
+
+def default_attention_kernel(platform: str) -> str:
+    """The kernel for attention_kernel=None: Pallas splash on TPU (Mosaic runs only there), XLA elsewhere."""
+    return "splash" if platform == "tpu" else "xla"
 
 
 def _first_id(value: Any, default: int) -> int:

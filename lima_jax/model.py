@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from lima_jax import splash_attention
 from lima_jax.attention import causal_attention
-from lima_jax.config import LlamaConfig
+from lima_jax.config import REMAT_SAVED_NAMES, LlamaConfig, default_attention_kernel
 from lima_jax.sharding import constrain, gather_layer_params
 
 _INIT_STD = 0.02  # transformers' LlamaConfig.initializer_range
@@ -152,9 +154,11 @@ class Attention(nnx.Module):
         self.o_proj = _param(ko, stack + (h, d, e), stack_names + ("heads", "head_dim", "embed"), pd)
         self.num_groups = h // kvh
         self.attention_block = config.attention_block
+        self.attention_kernel = config.attention_kernel
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
-        """x [B,T,E]; without a cache, mask is the segment ids [B,T] (causal_attention); with one, a
+        """x [B,T,E]; without a cache, mask is the segment ids [B,T] (causal_attention, or the splash
+        kernel when config.attention_kernel resolves to "splash"); with one, a
         [B,T,S] bool (True = may attend). With a cache, the new keys/values are
         written at slot cache_index and attention runs over all S slots: kv_cache=(k, v, None) with
         this layer's buffers [B,KVH,S,D], or (k, v, layer) with the all-layer buffers [L,B,S,KVH,D].
@@ -163,14 +167,19 @@ class Attention(nnx.Module):
         q = _project(x, self.q_proj[...].astype(dtype))
         k = _project(x, self.k_proj[...].astype(dtype))
         v = _project(x, self.v_proj[...].astype(dtype))
-        q = constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
-        k = constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
-        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        q = checkpoint_name(constrain(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim")), "query_proj")
+        k = checkpoint_name(constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim")), "key_proj")
+        v = checkpoint_name(constrain(v, ("batch", "length", "kv_heads", "head_dim")), "value_proj")
         if kv_cache is None:
-            out = causal_attention(q, k, v, mask, block=self.attention_block)
+            kernel = self.attention_kernel or default_attention_kernel(splash_attention.platform())
+            if kernel == "splash":
+                out = splash_attention.splash_causal_attention(q, k, v, mask)
+            else:
+                out = causal_attention(q, k, v, mask, block=self.attention_block)
         else:
             k, v, keys, values = _write_cache(k, v, kv_cache, cache_index)
             out = _attend(q, keys.astype(dtype), values.astype(dtype), mask, self.num_groups)
+        out = checkpoint_name(out, "attention_out")
         out = _matmul(out.reshape(*out.shape[:2], -1), self.o_proj[...].astype(dtype).reshape(-1, x.shape[-1]))
         return out, (k, v)
 
@@ -253,13 +262,22 @@ class DecoderLayer(nnx.Module):
             attn_key, mlp_key = jax.random.split(dropout_key)
         attn_out, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv_cache, cache_index)
         x = x + residual_dropout(attn_out, dropout_rate, attn_key)
-        x = x + residual_dropout(self.mlp(self.post_attn_norm(x)), dropout_rate, mlp_key)
+        x = x + residual_dropout(self.mlp(checkpoint_name(self.post_attn_norm(x), "mlp_in")), dropout_rate, mlp_key)
         return constrain(x, ("batch", "length", "act_embed")), new_kv
 
 
 def remat_policy(name: str):
     """jax.checkpoint's policy for a config.REMAT_POLICIES name ("full" saves nothing: None)."""
-    return None if name == "full" else getattr(jax.checkpoint_policies, "checkpoint_" + name)
+    policies = jax.checkpoint_policies
+    if name == "full":
+        return None
+    if name in REMAT_SAVED_NAMES:
+        return policies.save_only_these_names(*REMAT_SAVED_NAMES[name])
+    if name.startswith("offload_") and name[len("offload_"):] in REMAT_SAVED_NAMES:
+        return policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=list(REMAT_SAVED_NAMES[name[len("offload_"):]]),
+            offload_src="device", offload_dst="pinned_host")
+    return getattr(policies, "checkpoint_" + name)
 
 
 class Llama(nnx.Module):

@@ -9,7 +9,7 @@ import gin
 import jax
 import optax
 
-from lima_jax.config import LlamaConfig, preset as config_preset
+from lima_jax.config import LlamaConfig, default_attention_kernel, preset as config_preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,22 +42,30 @@ def recipe(num_epochs: int = gin.REQUIRED, batch_size: int = gin.REQUIRED, max_l
 @gin.configurable
 def model_config(preset: Optional[str] = None, dtype: str = "bfloat16", param_dtype: str = "float32",
                  remat_policy: str = "none", scan_layers: Optional[bool] = None, residual_dropout: float = 0.0,
-                 base: Optional[LlamaConfig] = None, platform: Optional[str] = None) -> LlamaConfig:
+                 base: Optional[LlamaConfig] = None, platform: Optional[str] = None,
+                 attention_kernel: Optional[str] = None) -> LlamaConfig:
     """The architecture (a preset, or `base` = the INIT_CHECKPOINT's config, which wins) plus the
-    training fields: compute dtype, parameter/optimizer dtype, remat, scan, residual dropout.
+    training fields: compute dtype, parameter/optimizer dtype, remat, scan, residual dropout, attention
+    kernel.
 
     scan_layers=None picks by `platform` (default: JAX's default backend): a scan over the layers on
     TPU and GPU, where deep models compile one layer instead of 80; a Python loop on the CPU, where
     the models are small enough to compile unrolled. Both run the same layers on the same stacked
-    parameters."""
+    parameters.
+
+    attention_kernel=None picks by `platform` too (config.default_attention_kernel): the Pallas splash
+    kernel on TPU, XLA's attention elsewhere. Like the other training fields it replaces `base`'s, so a
+    checkpoint trained on TPU ("splash") trains on with "xla" on a CPU or GPU."""
     if base is None:
         if preset is None:
             raise ValueError("model_config.preset is not set: add a gin/models/*.gin file or set INIT_CHECKPOINT")
         base = config_preset(preset)
+    platform = platform or jax.default_backend()
     if scan_layers is None:
-        scan_layers = (platform or jax.default_backend()) != "cpu"
+        scan_layers = platform != "cpu"
     return base.replace(dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy,
-                        scan_layers=scan_layers, residual_dropout=residual_dropout)
+                        scan_layers=scan_layers, residual_dropout=residual_dropout,
+                        attention_kernel=attention_kernel or default_attention_kernel(platform))
 
 
 def learning_rate_schedule(r: Recipe, total_steps: int) -> optax.Schedule:

@@ -102,7 +102,10 @@ def train(model_dir: str, *, mixture: str = gin.REQUIRED, data_dir: Optional[str
 
     os.makedirs(model_dir, exist_ok=True)
     if primary:
-        atomic_write_text(os.path.join(model_dir, CONFIG_FILE), json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        # The attention kernel is left to whoever loads the model (None: by their platform), so a model
+        # trained on TPU ("splash") does not run the kernel in interpret mode when evaluated on a CPU.
+        saved = config.replace(attention_kernel=None)
+        atomic_write_text(os.path.join(model_dir, CONFIG_FILE), json.dumps(saved.to_dict(), indent=2, sort_keys=True))
     mngr = model_dir_lib.manager(model_dir)
     latest = mngr.latest_step()
     if latest is not None:

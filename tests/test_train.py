@@ -188,6 +188,7 @@ def test_run_trains_checkpoints_per_epoch_and_saves_operative_config(run_1dev):
     import lima_jax
 
     config, params = mdir.restore_params(run_1dev)
+    assert config.attention_kernel is None  # the loader's platform picks the kernel, not the trainer's
     lm = lima_jax.load_pretrained(run_1dev)
     np.testing.assert_allclose(lm.logits(TOKENS), _logits(config, params, TOKENS), atol=1e-6)
     _, first = mdir.restore_params(run_1dev, step=3)

@@ -37,10 +37,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--mixture", default="lima_1k", help="mixture of --data_dir (default lima_1k)")
     parser.add_argument("--gin_bindings", action="append", default=[], help="extra gin binding (repeatable)")
     parser.add_argument("--json", help="write the report here (JSON)")
+    parser.add_argument("--plan", action="store_true",
+                        help="compile candidates (remat x mesh split x microbatches), print their fit and predicted "
+                             "speed, pick the fastest that fits and write it as a gin file (--out)")
+    parser.add_argument("--out", default="plan.gin", help="the plan's gin file (default plan.gin); lima-train takes "
+                                                          "it after the other gin files")
+    parser.add_argument("--remats", help="comma-separated remat policies the plan tries (default: "
+                                         "full,qkv_attn,qkv_attn_mlp_in,none)")
     parser.add_argument("--table", action="store_true",
                         help="print the README fit table: smallest v4 / v5p slice for 7B-65B (slow: many compiles)")
     args = parser.parse_args(argv)
+    if args.topology.startswith("cpu-"):  # this machine's CPU devices, before JAX starts its backend
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.topology[4:]}".strip()
     try:
+        if args.plan:
+            return _plan(args, parser.prog)
         if args.table:
             table = aot.fit_table(args.batch_size, args.seq_len, log=lambda s: print(s, file=sys.stderr, flush=True))
             print(table)
@@ -61,6 +74,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(aot.describe(report))
     if args.json:
         aot.write_json(args.json, report)
+    return 0
+
+
+def _plan(args, prog: str) -> int:
+    from lima_jax import plan
+
+    remats = tuple(r.strip() for r in args.remats.split(",")) if args.remats else plan.PLAN_REMATS
+    unknown = [r for r in remats if r not in REMAT_POLICIES]
+    if unknown:
+        raise ValueError(f"--remats: unknown policy {unknown[0]!r}; known: {', '.join(REMAT_POLICIES)}")
+    meshes = None
+    if args.mesh:
+        from lima_jax import aot
+
+        n = aot.get_slice(args.topology).devices
+        meshes = [aot._resolved(aot.parse_mesh(args.mesh, n, args.batch_size), n)]
+    result = plan.plan(args.model, args.topology, args.batch_size, args.seq_len, remats, meshes=meshes,
+                       extra_gin=args.gin_bindings, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(plan.candidates_table(result))
+    if args.json:
+        from lima_jax import aot
+
+        aot.write_json(args.json, {k: v for k, v in result.items()})
+    if result["best"] is None:
+        print(f"{prog}: nothing fits {args.model} on {args.topology}; no plan written", file=sys.stderr)
+        return 1
+    plan.write_plan_gin(args.out, result)
+    print(f"plan: {args.out}")
     return 0
 
 

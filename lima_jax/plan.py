@@ -1,0 +1,105 @@
+"""lima-aot --plan: the fastest LIMA train step that fits a slice, as the TPU compiler sees it.
+
+Candidates are remat policy × mesh split (FSDP over `fsdp` devices, tensor parallelism over the
+rest) × microbatches. Each is compiled as lima-train would run it (`aot.compile_step`); for each
+(mesh, remat) more microbatches are tried only while the step does not fit, since they only trade
+speed for memory. Every candidate that fits gets the compiler's predicted step time (on CPU devices:
+measured); the plan is the fastest, written as a gin file that lima-train takes after the model,
+mesh and run files (`--gin_file=plan.gin`). The step always holds the recipe's examples, so the
+fastest step is the fastest run.
+"""
+from __future__ import annotations
+
+import datetime
+from typing import Callable, Optional, Sequence
+
+from lima_jax import aot
+from lima_jax.atomic import atomic_write_text
+
+# Remat policies worth comparing for LLaMA (config.REMAT_POLICIES has them all): recompute everything,
+# keep the attention inputs/outputs, also keep the MLP input, keep nothing recomputed.
+PLAN_REMATS = ("full", "qkv_attn", "qkv_attn_mlp_in", "none")
+PLAN_MICROBATCHES = (1, 2, 4)
+MAX_TENSOR = 16  # tensor parallelism beyond this spends more on all-reduces than it saves
+
+
+def mesh_splits(n_devices: int, batch_size: int, num_kv_heads: int) -> list[dict]:
+    """Meshes {data: 1, fsdp, tensor} over n_devices: tensor divides the kv heads (every device keeps
+    whole heads), fsdp divides the batch; most FSDP first."""
+    out = []
+    for tensor in range(1, min(n_devices, MAX_TENSOR) + 1):
+        fsdp = n_devices // tensor
+        if n_devices % tensor or num_kv_heads % tensor or batch_size % fsdp:
+            continue
+        out.append({"data": 1, "fsdp": fsdp, "tensor": tensor})
+    return out
+
+
+def _mesh_text(mesh: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in mesh.items())
+
+
+def plan(model: str, slice_name: str, batch_size: int = 32, seq_len: int = 2048,
+         remats: Sequence[str] = PLAN_REMATS, microbatches: Sequence[int] = PLAN_MICROBATCHES,
+         meshes: Optional[list[dict]] = None, extra_gin: Sequence[str] = (), log: Callable = print) -> dict:
+    """{"candidates": [report, ...], "best": the fastest report that fits, or None}."""
+    s = aot.get_slice(slice_name)
+    _, config, _ = aot._configure(model, batch_size, seq_len, None, list(extra_gin))
+    meshes = meshes or mesh_splits(s.devices, batch_size, config.num_kv_heads)
+    if not meshes:
+        raise ValueError(f"no mesh of {s.devices} devices splits batch {batch_size} and {config.num_kv_heads} kv heads")
+    candidates = []
+    for mesh in meshes:
+        for remat in remats:
+            for micro in microbatches:
+                if batch_size % (mesh["fsdp"] * mesh["data"] * micro):
+                    continue
+                report = aot.compile_step(model, slice_name, _mesh_text(mesh), batch_size, seq_len, remat, "train",
+                                          [*extra_gin, f"recipe.grad_accum_steps={micro}"])
+                report["microbatches"] = micro
+                candidates.append(report)
+                log(f"  {_mesh_text(mesh)} remat={remat} microbatches={micro}: " +
+                    (f"fits, {report['predicted_step_s']:.4g} s/step, MFU {aot._percent(report['predicted_mfu'])}"
+                     if report["fits"] else f"does not fit ({aot._gib(report.get('per_device_bytes'))})"))
+                if report["fits"]:
+                    break
+    fitting = [c for c in candidates if c["fits"]]
+    best = min(fitting, key=lambda c: c["predicted_step_s"]) if fitting else None
+    return {"model": model, "topology": slice_name, "batch_size": batch_size, "seq_len": seq_len,
+            "candidates": candidates, "best": best}
+
+
+def candidates_table(result: dict) -> str:
+    """The candidates as a markdown table, the chosen one marked."""
+    head = ("| mesh | remat | microbatches | rows | per device | fits | step s | MFU | tokens/s/chip |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for c in result["candidates"]:
+        chosen = " **(plan)**" if c is result["best"] else ""
+        step = f"{c['predicted_step_s']:.4g}" if c.get("predicted_step_s") else "-"
+        tokens = f"{c['predicted_tokens_per_s_per_chip']:,.0f}" if c.get("predicted_tokens_per_s_per_chip") else "-"
+        lines.append(f"| {_mesh_text(c['mesh'])}{chosen} | {c['remat']} | {c['microbatches']} | {c.get('rows', '-')} | "
+                     f"{aot._gib(c.get('per_device_bytes'))} | {'yes' if c['fits'] else 'no'} | {step} | "
+                     f"{aot._percent(c.get('predicted_mfu'))} | {tokens} |")
+    return "\n".join(lines)
+
+
+def plan_gin(result: dict) -> str:
+    """The chosen candidate as gin bindings lima-train takes after the model, mesh and run files."""
+    best = result["best"]
+    if best is None:
+        raise ValueError(f"nothing fits {result['model']} on {result['topology']}: no plan to write")
+    mesh = best["mesh"]
+    return (f"# lima-aot --plan for {result['model']} on {result['topology']} (batch {result['batch_size']} × "
+            f"{result['seq_len']}), {datetime.date.today().isoformat()}:\n"
+            f"# predicted {best['predicted_step_s']:.4g} s/step, MFU {aot._percent(best.get('predicted_mfu'))} "
+            f"({best['prediction_method']}). Pass it after the other gin files.\n"
+            f"model_config.remat_policy = '{best['remat']}'\n"
+            f"recipe.grad_accum_steps = {best['microbatches']}\n"
+            f"make_mesh.data = {mesh['data']}\n"
+            f"make_mesh.fsdp = {mesh['fsdp']}\n"
+            f"make_mesh.tensor = {mesh['tensor']}\n")
+
+
+def write_plan_gin(path: str, result: dict) -> None:
+    atomic_write_text(path, plan_gin(result))

@@ -1,0 +1,123 @@
+"""Causal self-attention within segments through JAX's Pallas splash-attention kernel, the TPU's
+fused attention (`attention_kernel="splash"`): same inputs and outputs as attention.causal_attention.
+
+Why a kernel beside attention.py: on TPU, XLA's blocked attention writes each block's scores and
+probabilities to HBM; splash keeps them in VMEM and skips the blocks the causal mask removes, forward
+and backward (its own custom VJP). The kernel is JAX's maintained one
+(`jax.experimental.pallas.ops.tpu.splash_attention`); this module only adapts layouts, masks and
+sharding to it:
+- heads: the kernel's multi-head form takes kv heads that divide the query heads (GQA natively);
+- segments: its SegmentIds (query and key must share an id) and'ed with a static causal mask. A
+  padding token (id 0) then attends to earlier padding, never to a real token and never the reverse,
+  so every real query's output and gradient are the XLA attention's; padding's own outputs differ
+  from attention.py's, and nothing reads them;
+- scale: the kernel does not scale the scores, so q is multiplied by 1/√head_dim first;
+- length: its blocks are multiples of 128 (the TPU's lanes), so a row whose length is not is padded
+  with id-0 tokens up to one, and the result cut back;
+- sharding: Mosaic kernels cannot be partitioned by XLA, so inside `sharding.use_rules` with a mesh of
+  several devices the kernel runs under `jax.shard_map`, each device on its rows (the `batch` rule)
+  and heads (`heads`/`kv_heads`), the sequence whole;
+- platform: off TPU it runs in Pallas' interpret mode (slow; for tests on the CPU).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import Mesh, PartitionSpec
+
+from lima_jax import sharding
+
+LANES = 128  # the kernel's key blocks must be multiples of the TPU's 128 lanes
+BLOCK_SIZES = (512, 256, 128)  # the largest that divides the (padded) length is used
+
+
+def platform() -> str:
+    """The platform the traced program runs on: the active mesh's devices (lima-aot compiles for TPU
+    devices from a CPU host), else JAX's default backend."""
+    if sharding._active and isinstance(sharding._active[-1][0], Mesh):  # an AbstractMesh has no devices
+        return sharding._active[-1][0].devices.flat[0].platform
+    return jax.default_backend()
+
+
+def block_size(length: int) -> int:
+    """Query and key rows per kernel block for rows of `length` tokens (a multiple of LANES)."""
+    for block in BLOCK_SIZES:
+        if length % block == 0:
+            return block
+    raise ValueError(f"splash attention needs a length that is a multiple of {LANES}, got {length}")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(heads: int, length: int, interpret: bool):
+    """The kernel for one row's [heads, length, head_dim] queries: its causal mask's block tables are
+    built with numpy once per shape, not at every trace (the unrolled layer loop traces each layer).
+    They are made concrete arrays (compile-time evaluation) because the kernel is first built inside a
+    trace and kept for later ones, which must not see that trace's values."""
+    b = block_size(length)
+    sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                              block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(heads)])
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def _local(q, k, v, segment_ids, interpret: bool):
+    """The kernel on unsharded (or one device's) q [B,T,H,D], k/v [B,T,KVH,D], segment_ids [B,T]."""
+    b, t, h, d = q.shape
+    padded = -(-t // LANES) * LANES
+    if padded != t:  # id 0: padding, which no real query sees
+        pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+        q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, padded - t)))
+    kernel = _kernel(h, padded, interpret)
+    q = (q * (1.0 / math.sqrt(d))).astype(q.dtype)
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # the kernel's [heads, T, D] per row
+
+    def row(q, k, v, ids):
+        return kernel(q, k, v, splash.SegmentIds(q=ids, kv=ids))
+
+    out = jax.vmap(row)(heads_first(q), heads_first(k), heads_first(v), segment_ids)
+    return heads_first(out)[:, :t]
+
+
+def splash_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
+                            interpret: bool = False) -> jax.Array:
+    """attention.causal_attention's result through the splash kernel: q [B,T,H,D], k/v [B,T,KVH,D] (H a
+    multiple of KVH), segment_ids [B,T] int (0 = padding) → [B,T,H,D]. Query i sees key j when j <= i
+    and both share a segment id; padding queries' outputs are not meaningful. interpret: Pallas'
+    interpreter, also chosen whenever the platform is not TPU."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    if k.shape != (b, t, kvh, d) or v.shape != k.shape:
+        raise ValueError(f"splash attention needs keys and values of shape {(b, t, kvh, d)}, got {k.shape} and "
+                         f"{v.shape}")
+    if h % kvh:
+        raise ValueError(f"splash attention needs query heads ({h}) that are a multiple of kv heads ({kvh})")
+    if segment_ids.shape != (b, t):
+        raise ValueError(f"splash attention needs segment ids of shape {(b, t)}, got {segment_ids.shape}")
+    interpret = bool(interpret) or platform() != "tpu"
+    segment_ids = segment_ids.astype(jnp.int32)
+    local = functools.partial(_local, interpret=interpret)
+    if not sharding._active or sharding._active[-1][0].size <= 1:
+        return local(q, k, v, segment_ids)
+
+    mesh, rules, _ = sharding._active[-1]
+    q_spec = sharding.logical_to_spec(("batch", "length", "heads", "head_dim"), rules, mesh, q.shape)
+    kv_spec = sharding.logical_to_spec(("batch", "length", "kv_heads", "head_dim"), rules, mesh, k.shape)
+    rows, heads, kv_heads = q_spec[0], q_spec[2], kv_spec[2]
+    if kv_heads != heads and kvh > 1:
+        # The kv heads do not split as the query heads do (too few of them for the tensor axis): each
+        # query head gets its own copy, so a device's query heads find their kv heads on that device.
+        # (One kv head, MQA, is every query head's: each device keeps it whole.)
+        k, v = jnp.repeat(k, h // kvh, axis=2), jnp.repeat(v, h // kvh, axis=2)
+        kv_heads = heads
+    # The sequence whole: each query sees all its keys.
+    q_spec, kv_spec = PartitionSpec(rows, None, heads, None), PartitionSpec(rows, None, kv_heads, None)
+    # check_vma=False: the kernel is not typed for varying manual axes; its output varies over the mesh
+    # exactly as q does (out_specs), which the gradient's transpose relies on.
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(rows, None)),
+                         out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
