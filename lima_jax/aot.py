@@ -11,7 +11,6 @@ chip one device (both TensorCores, 95 GiB), a v5e chip one device (one TensorCor
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -285,11 +284,12 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
     try:
         if step == "train":
             report.update(packing=packing, rows=rows, rows_from=how)
-            def build(c):
-                return train_step.build_train_step(c, r, mesh, rules, fsdp_axes, total_steps=1, rows=rows)
+            def build(c, unroll=False):
+                return train_step.build_train_step(c, r, mesh, rules, fsdp_axes, total_steps=1, rows=rows,
+                                                   unroll_microbatches=unroll)
 
-            def lower_at(c):
-                ts = build(c)
+            def lower_at(c):  # for the prediction: every loop unrolled
+                ts = build(c, unroll=True)
                 return ts.fn.lower(ts.abstract_state, ts.abstract_batch)
 
             ts = build(config)
@@ -338,6 +338,8 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
         # counts a loop body once, not per iteration: with scanned layers it undercounts by ~layers.
         flops_per_step=None if flops is None else flops * len(devices),
         flops_note="compiler cost_analysis × devices; a scanned loop body counts once",
+        # Pallas (Mosaic) kernels in the compiled program: the splash attention's, forward and backward.
+        mosaic_kernels=compiled.as_text().count("tpu_custom_call") if s.topology != "cpu" else 0,
         compile_s=round(time.perf_counter() - t0, 1),
     )
     if not report["fits"]:
@@ -359,45 +361,6 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
 
 def _first_line_with(text: str, needle: str) -> Optional[str]:
     return next((line.strip() for line in text.splitlines() if needle in line), None)
-
-
-# ---- the fit table --------------------------------------------------------------------------------
-TABLE_MODELS = ("llama_7b", "llama_13b", "llama_33b", "llama_65b")
-TABLE_SLICES = {"v4": ("v4-8", "v4-16", "v4-32", "v4-64", "v4-128", "v4-256", "v4-512"),
-                "v5p": ("v5p-8", "v5p-16", "v5p-32", "v5p-64", "v5p-128")}
-
-
-def smallest_fitting(model: str, slices: tuple[str, ...], batch_size: int, seq_len: int, log=print) -> dict:
-    """Tries slices in increasing size; the first whose compiled step fits wins. The step has
-    batch_size rows, the padded count: the largest step a packed run can take (its fallback bucket)."""
-    for name in slices:
-        report = compile_step(model, name, batch_size=batch_size, seq_len=seq_len, rows=batch_size)
-        log(f"  {model} on {name}: {'fits' if report['fits'] else 'does not fit'} "
-            f"({_gib(report.get('per_device_bytes'))} per device; compile {report['compile_s']} s)")
-        if report["fits"]:
-            return report
-    return {"model": model, "topology": None, "fits": False}
-
-
-def fit_table(batch_size: int = 32, seq_len: int = 2048, log=print) -> str:
-    import libtpu
-
-    rows = []
-    for model in TABLE_MODELS:
-        cells = []
-        for gen, slices in TABLE_SLICES.items():
-            rep = smallest_fitting(model, slices, batch_size, seq_len, log)
-            cells.append("none listed" if not rep["fits"] else
-                         f"{rep['topology']} ({_gib(rep['per_device_bytes'])} / {_gib(rep['hbm_bytes'])})")
-        rows.append(f"| {model} | " + " | ".join(cells) + " |")
-    version = getattr(libtpu, "__version__", "?")
-    head = (f"Smallest slice that fits LIMA SFT (batch {batch_size} × {seq_len}, AdamW fp32 state, bf16 compute, "
-            f"full remat; {batch_size} rows, the most a packed step takes; FSDP over as many devices as the "
-            f"batch has rows, tensor parallel over the rest), "
-            f"compiled by libtpu {version} on "
-            f"{datetime.date.today().isoformat()} (per-device bytes / HBM per device):\n\n"
-            "| model | v4 | v5p |\n|---|---|---|")
-    return head + "\n" + "\n".join(rows) + "\n"
 
 
 def _gib(b) -> str:

@@ -41,8 +41,10 @@ def _mesh_text(mesh: dict) -> str:
 
 def plan(model: str, slice_name: str, batch_size: int = 32, seq_len: int = 2048,
          remats: Sequence[str] = PLAN_REMATS, microbatches: Sequence[int] = PLAN_MICROBATCHES,
-         meshes: Optional[list[dict]] = None, extra_gin: Sequence[str] = (), log: Callable = print) -> dict:
-    """{"candidates": [report, ...], "best": the fastest report that fits, or None}."""
+         meshes: Optional[list[dict]] = None, extra_gin: Sequence[str] = (), log: Callable = print,
+         rows: Optional[int] = None) -> dict:
+    """{"candidates": [report, ...], "best": the fastest report that fits, or None}. rows: the step's
+    rows (default: the packed bucket a LIMA run takes most on each candidate's mesh, `aot.packed_rows`)."""
     s = aot.get_slice(slice_name)
     _, config, _ = aot._configure(model, batch_size, seq_len, None, list(extra_gin))
     meshes = meshes or mesh_splits(s.devices, batch_size, config.num_kv_heads)
@@ -55,7 +57,7 @@ def plan(model: str, slice_name: str, batch_size: int = 32, seq_len: int = 2048,
                 if batch_size % (mesh["fsdp"] * mesh["data"] * micro):
                     continue
                 report = aot.compile_step(model, slice_name, _mesh_text(mesh), batch_size, seq_len, remat, "train",
-                                          [*extra_gin, f"recipe.grad_accum_steps={micro}"])
+                                          [*extra_gin, f"recipe.grad_accum_steps={micro}"], rows=rows)
                 report["microbatches"] = micro
                 candidates.append(report)
                 log(f"  {_mesh_text(mesh)} remat={remat} microbatches={micro}: " +
@@ -103,3 +105,52 @@ def plan_gin(result: dict) -> str:
 
 def write_plan_gin(path: str, result: dict) -> None:
     atomic_write_text(path, plan_gin(result))
+
+
+# ---- the README table: the smallest slice that fits each model, and the plan's speed there ---------
+TABLE_MODELS = ("llama_7b", "llama_13b", "llama_33b", "llama_65b")
+TABLE_SLICES = {"v4": ("v4-8", "v4-16", "v4-32", "v4-64", "v4-128", "v4-256", "v4-512"),
+                "v5p": ("v5p-8", "v5p-16", "v5p-32", "v5p-64", "v5p-128")}
+
+
+def smallest_fitting(model: str, slices: Sequence[str], batch_size: int, seq_len: int, log: Callable = print) -> dict:
+    """Tries slices in increasing size with the default mesh and full remat; the first whose compiled
+    step fits wins. The step has batch_size rows, the padded count: the largest step a packed run can
+    take (its fallback bucket)."""
+    for name in slices:
+        report = aot.compile_step(model, name, batch_size=batch_size, seq_len=seq_len, rows=batch_size,
+                                  remat="full", predict=False)
+        log(f"  {model} on {name}: {'fits' if report['fits'] else 'does not fit'} "
+            f"({aot._gib(report.get('per_device_bytes'))} per device; compile {report['compile_s']} s)")
+        if report["fits"]:
+            return report
+    return {"model": model, "topology": None, "fits": False}
+
+
+def fit_table(batch_size: int = 32, seq_len: int = 2048, models: Sequence[str] = TABLE_MODELS,
+              log: Callable = print) -> str:
+    """Per model and TPU generation: the smallest slice that fits, and the plan's predicted MFU and
+    tokens/s per chip on it (many compiles: hours for the whole table)."""
+    import libtpu
+
+    rows = []
+    for model in models:
+        cells = []
+        for slices in TABLE_SLICES.values():
+            fit = smallest_fitting(model, slices, batch_size, seq_len, log)
+            if not fit["fits"]:
+                cells.append("none listed")
+                continue
+            best = plan(model, fit["topology"], batch_size, seq_len, log=log, rows=batch_size)["best"]
+            cells.append(f"{fit['topology']} ({aot._gib(fit['per_device_bytes'])} / {aot._gib(fit['hbm_bytes'])}); "
+                         f"plan: {_mesh_text(best['mesh'])}, remat {best['remat']}, MFU "
+                         f"{aot._percent(best['predicted_mfu'])}, {best['predicted_tokens_per_s_per_chip']:,.0f} "
+                         f"tokens/s/chip")
+        rows.append(f"| {model} | " + " | ".join(cells) + " |")
+    head = (f"Smallest slice that fits LIMA SFT (batch {batch_size} × {seq_len}, AdamW fp32 state, bf16 compute; "
+            f"{batch_size} rows, the most a packed step takes; fit with full remat and FSDP over as many devices "
+            f"as the batch has rows, tensor parallel over the rest), then the plan there (`lima-aot --plan`) "
+            f"with its predicted MFU and tokens/s per chip; compiled by libtpu "
+            f"{getattr(libtpu, '__version__', '?')} on {datetime.date.today().isoformat()} (per-device bytes / "
+            "HBM per device):\n\n| model | v4 | v5p |\n|---|---|---|")
+    return head + "\n" + "\n".join(rows) + "\n"

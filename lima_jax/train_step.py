@@ -100,8 +100,10 @@ class TrainStep(NamedTuple):
 
 
 def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axes=("fsdp",),
-                     total_steps: int = 1, rows: Optional[int] = None) -> TrainStep:
-    """rows: the abstract batch's row count (default the padded batch, r.batch_size)."""
+                     total_steps: int = 1, rows: Optional[int] = None, unroll_microbatches: bool = False) -> TrainStep:
+    """rows: the abstract batch's row count (default the padded batch, r.batch_size).
+    unroll_microbatches: the accumulation loop unrolled (lima-aot's prediction: the compiler's cost
+    analysis counts a loop's body once); the same computation either way."""
     optimizer = make_optimizer(r, total_steps)
     schedule = learning_rate_schedule(r, total_steps)
     abstract, shards = state_shardings(config, optimizer, mesh, rules)
@@ -145,7 +147,8 @@ def build_train_step(config: LlamaConfig, r: Recipe, mesh: Mesh, rules, fsdp_axe
             else:
                 zeros = jax.tree.map(jnp.zeros_like, state.params)
                 zero = jnp.zeros((), jnp.float32)
-                (grads, loss, correct), _ = jax.lax.scan(accumulate, (zeros, zero, zero), (jnp.arange(accum), micro))
+                (grads, loss, correct), _ = jax.lax.scan(accumulate, (zeros, zero, zero), (jnp.arange(accum), micro),
+                                                         unroll=accum if unroll_microbatches else 1)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             segments, positions = batch["decoder_segment_ids"], batch["decoder_positions"]

@@ -108,10 +108,27 @@ def test_cli_bad_slice_is_one_line(capsys):
 @pytest.mark.parametrize("model,slice_name,fits", [("llama_65b", "v4-256", True), ("llama_65b", "v4-8", False),
                                                    ("llama_7b", "v5p-8", True)])
 def test_lima_sft_fit(model, slice_name, fits):
-    report = aot.compile_step(model, slice_name, batch_size=32, seq_len=2048)
+    report = aot.compile_step(model, slice_name, batch_size=32, seq_len=2048, rows=32, remat="full", predict=False)
     assert report["fits"] is fits, report
     if not fits:
         assert report["reason"]
+    else:
+        assert report["attention_kernel"] == "splash" and report["mosaic_kernels"] >= 3
+
+
+# The TPU-speed targets, with the plan's remat and mesh (hours for 65B): pytest -m slow -k mfu
+@pytest.mark.slow
+@needs_libtpu
+@pytest.mark.parametrize("model,slice_name,target,remats", [
+    ("llama_7b", "v5p-8", 0.65, ("full", "qkv_attn", "qkv_attn_mlp_in")),
+    ("llama_65b", "v4-256", 0.60, ("full", "qkv_attn")),
+])
+def test_planned_mfu_reaches_the_target(model, slice_name, target, remats):
+    from lima_jax import plan
+
+    result = plan.plan(model, slice_name, 32, 2048, remats=remats, rows=32)
+    assert result["best"] is not None, plan.candidates_table(result)
+    assert result["best"]["predicted_mfu"] >= target, plan.candidates_table(result)
 
 
 @needs_libtpu
@@ -216,3 +233,14 @@ def test_report_predicts_mfu_and_tokens_per_chip(monkeypatch):
     assert report["predicted_mfu"] == pytest.approx(report["model_flops_per_step"] / (report["predicted_step_s"] * chips * peak))
     assert report["predicted_tokens_per_s_per_chip"] == pytest.approx(8 * 64 / report["predicted_step_s"] / chips)
     assert "MFU" in aot.describe(report)
+    # TPU's default attention is the splash kernel: Mosaic calls for its forward, dq and dkv
+    assert report["attention_kernel"] == "splash" and report["mosaic_kernels"] >= 3
+
+
+@needs_libtpu
+def test_prediction_counts_every_microbatch():
+    """Split into 2 microbatches the step does the same work (plus a second gather of the weights):
+    its prediction must not halve, as it would if the accumulation loop's body counted once."""
+    one = aot.compile_step("tiny", "v4-8", batch_size=16, seq_len=256, rows=16, extra_gin=["recipe.grad_accum_steps=1"])
+    two = aot.compile_step("tiny", "v4-8", batch_size=16, seq_len=256, rows=16, extra_gin=["recipe.grad_accum_steps=2"])
+    assert two["predicted_step_s"] >= 0.9 * one["predicted_step_s"], (one["predicted_step_s"], two["predicted_step_s"])

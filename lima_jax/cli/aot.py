@@ -45,7 +45,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--remats", help="comma-separated remat policies the plan tries (default: "
                                          "full,qkv_attn,qkv_attn_mlp_in,none)")
     parser.add_argument("--table", action="store_true",
-                        help="print the README fit table: smallest v4 / v5p slice for 7B-65B (slow: many compiles)")
+                        help="print the README fit table: smallest v4 / v5p slice for 7B-65B and the plan's predicted "
+                             "speed there (slow: hours of compiles)")
     args = parser.parse_args(argv)
     if args.topology.startswith("cpu-"):  # this machine's CPU devices, before JAX starts its backend
         flags = os.environ.get("XLA_FLAGS", "")
@@ -55,7 +56,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.plan:
             return _plan(args, parser.prog)
         if args.table:
-            table = aot.fit_table(args.batch_size, args.seq_len, log=lambda s: print(s, file=sys.stderr, flush=True))
+            from lima_jax import plan
+
+            table = plan.fit_table(args.batch_size, args.seq_len, log=lambda s: print(s, file=sys.stderr, flush=True))
             print(table)
             return 0
         if args.data_dir and not args.tokenizer:
@@ -91,7 +94,8 @@ def _plan(args, prog: str) -> int:
         n = aot.get_slice(args.topology).devices
         meshes = [aot._resolved(aot.parse_mesh(args.mesh, n, args.batch_size), n)]
     result = plan.plan(args.model, args.topology, args.batch_size, args.seq_len, remats, meshes=meshes,
-                       extra_gin=args.gin_bindings, log=lambda line: print(line, file=sys.stderr, flush=True))
+                       extra_gin=args.gin_bindings, log=lambda line: print(line, file=sys.stderr, flush=True),
+                       rows=args.rows)
     print(plan.candidates_table(result))
     if args.json:
         from lima_jax import aot
