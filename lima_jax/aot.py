@@ -130,6 +130,12 @@ def predict_by_depth(lower_at, num_layers: int) -> dict:
         moved[d] = float(program_cost(compiled).get("bytes accessed", 0.0))
     method = (f"unrolled at all {num_layers} layers" if len(depths) == 1 else
               f"unrolled at {depths[0]} and {depths[1]} layers, extended linearly to {num_layers}")
+    if min(seconds.values()) <= 0:
+        # Seen with libtpu 0.0.52 on v4 for steps of >= 2048 tokens per row: the total comes out near a
+        # negative integer, as if some ops cost -1 s ("unknown"). No prediction rather than a wrong one.
+        return {"predicted_step_s": None, "prediction_method": method,
+                "predicted_s_at_depths": {str(d): t for d, t in seconds.items()},
+                "prediction_note": "the compiler's cost model gave a non-positive time: no prediction"}
     return {"predicted_step_s": extend_linearly(seconds, num_layers),
             "predicted_bytes_per_device": extend_linearly(moved, num_layers),
             "prediction_method": method, "predicted_s_at_depths": {str(d): t for d, t in seconds.items()}}
@@ -339,7 +345,8 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
         flops_per_step=None if flops is None else flops * len(devices),
         flops_note="compiler cost_analysis × devices; a scanned loop body counts once",
         # Pallas (Mosaic) kernels in the compiled program: the splash attention's, forward and backward.
-        mosaic_kernels=compiled.as_text().count("tpu_custom_call") if s.topology != "cpu" else 0,
+        # (Counted in the lowered module: the compiled one's text fails to print for some v5p programs.)
+        mosaic_kernels=lowered.as_text().count("tpu_custom_call"),
         compile_s=round(time.perf_counter() - t0, 1),
     )
     if not report["fits"]:
@@ -352,9 +359,9 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
             report.update(predict_by_depth(lambda d: lower_at(config.replace(num_layers=d, scan_layers=False)),
                                            config.num_layers))
         step_s, peak = report["predicted_step_s"], chip_peak_flops(s)
-        report["predicted_mfu"] = report["model_flops_per_step"] / (step_s * s.chips * peak) if peak else None
+        report["predicted_mfu"] = report["model_flops_per_step"] / (step_s * s.chips * peak) if peak and step_s else None
         tokens = rows * seq_len if step == "train" else batch_size  # computed tokens (train) / new tokens (decode)
-        report["predicted_tokens_per_s_per_chip"] = tokens / step_s / s.chips
+        report["predicted_tokens_per_s_per_chip"] = tokens / step_s / s.chips if step_s else None
         report["compile_s"] = round(time.perf_counter() - t0, 1)
     return report
 
@@ -385,6 +392,8 @@ def describe(report: dict) -> str:
     if report.get("flops_per_step"):
         lines.append(f"  flops/step {report['flops_per_step']:.3e} (compiler), model flops/step "
                      f"{report['model_flops_per_step']:.3e}")
+    if report.get("prediction_note"):
+        lines.append(f"  predicted: none ({report['prediction_note']}; {report['prediction_method']})")
     if report.get("predicted_step_s"):
         unit = "tokens computed" if report["step"] == "train" else "new tokens"
         lines.append(f"  predicted: {report['predicted_step_s']:.4g} s/step, MFU "

@@ -60,15 +60,24 @@ def plan(model: str, slice_name: str, batch_size: int = 32, seq_len: int = 2048,
                                           [*extra_gin, f"recipe.grad_accum_steps={micro}"], rows=rows)
                 report["microbatches"] = micro
                 candidates.append(report)
-                log(f"  {_mesh_text(mesh)} remat={remat} microbatches={micro}: " +
-                    (f"fits, {report['predicted_step_s']:.4g} s/step, MFU {aot._percent(report['predicted_mfu'])}"
-                     if report["fits"] else f"does not fit ({aot._gib(report.get('per_device_bytes'))})"))
+                log(f"  {_mesh_text(mesh)} remat={remat} microbatches={micro}: " + _verdict(report))
                 if report["fits"]:
                     break
+    predicted = [c for c in candidates if c["fits"] and c.get("predicted_step_s")]
     fitting = [c for c in candidates if c["fits"]]
-    best = min(fitting, key=lambda c: c["predicted_step_s"]) if fitting else None
+    # Without any prediction (the cost model failed), the first that fits: most FSDP, least remat tried first.
+    best = min(predicted, key=lambda c: c["predicted_step_s"]) if predicted else (fitting[0] if fitting else None)
     return {"model": model, "topology": slice_name, "batch_size": batch_size, "seq_len": seq_len,
             "candidates": candidates, "best": best}
+
+
+def _verdict(report: dict) -> str:
+    if not report["fits"]:
+        return f"does not fit ({aot._gib(report.get('per_device_bytes'))})"
+    if not report.get("predicted_step_s"):
+        return f"fits ({aot._gib(report['per_device_bytes'])}), no prediction: {report.get('prediction_note')}"
+    return (f"fits ({aot._gib(report['per_device_bytes'])}), {report['predicted_step_s']:.4g} s/step, "
+            f"MFU {aot._percent(report['predicted_mfu'])}")
 
 
 def candidates_table(result: dict) -> str:
@@ -94,8 +103,10 @@ def plan_gin(result: dict) -> str:
     mesh = best["mesh"]
     return (f"# lima-aot --plan for {result['model']} on {result['topology']} (batch {result['batch_size']} × "
             f"{result['seq_len']}), {datetime.date.today().isoformat()}:\n"
-            f"# predicted {best['predicted_step_s']:.4g} s/step, MFU {aot._percent(best.get('predicted_mfu'))} "
-            f"({best['prediction_method']}). Pass it after the other gin files.\n"
+            + (f"# predicted {best['predicted_step_s']:.4g} s/step, MFU {aot._percent(best.get('predicted_mfu'))} "
+               f"({best['prediction_method']}). " if best.get("predicted_step_s") else
+               f"# not predicted ({best.get('prediction_note')}): the first candidate that fits. ")
+            + "Pass it after the other gin files.\n"
             f"model_config.remat_policy = '{best['remat']}'\n"
             f"recipe.grad_accum_steps = {best['microbatches']}\n"
             f"make_mesh.data = {mesh['data']}\n"
@@ -142,10 +153,10 @@ def fit_table(batch_size: int = 32, seq_len: int = 2048, models: Sequence[str] =
                 cells.append("none listed")
                 continue
             best = plan(model, fit["topology"], batch_size, seq_len, log=log, rows=batch_size)["best"]
+            speed = (f"MFU {aot._percent(best['predicted_mfu'])}, {best['predicted_tokens_per_s_per_chip']:,.0f} "
+                     f"tokens/s/chip" if best.get("predicted_step_s") else "not predicted")
             cells.append(f"{fit['topology']} ({aot._gib(fit['per_device_bytes'])} / {aot._gib(fit['hbm_bytes'])}); "
-                         f"plan: {_mesh_text(best['mesh'])}, remat {best['remat']}, MFU "
-                         f"{aot._percent(best['predicted_mfu'])}, {best['predicted_tokens_per_s_per_chip']:,.0f} "
-                         f"tokens/s/chip")
+                         f"plan: {_mesh_text(best['mesh'])}, remat {best['remat']}, {speed}")
         rows.append(f"| {model} | " + " | ".join(cells) + " |")
     head = (f"Smallest slice that fits LIMA SFT (batch {batch_size} × {seq_len}, AdamW fp32 state, bf16 compute; "
             f"{batch_size} rows, the most a packed step takes; fit with full remat and FSDP over as many devices "

@@ -244,3 +244,22 @@ def test_prediction_counts_every_microbatch():
     one = aot.compile_step("tiny", "v4-8", batch_size=16, seq_len=256, rows=16, extra_gin=["recipe.grad_accum_steps=1"])
     two = aot.compile_step("tiny", "v4-8", batch_size=16, seq_len=256, rows=16, extra_gin=["recipe.grad_accum_steps=2"])
     assert two["predicted_step_s"] >= 0.9 * one["predicted_step_s"], (one["predicted_step_s"], two["predicted_step_s"])
+
+
+def test_a_non_positive_cost_model_time_is_no_prediction():
+    """libtpu 0.0.52's v4 cost model returns negative totals for some large steps: report none."""
+    class Fake:
+        def __init__(self, seconds):
+            self.seconds = seconds
+
+        def compile(self):
+            return self
+
+        def cost_analysis(self):
+            return {"optimal_seconds": self.seconds, "bytes accessed": 1.0}
+
+    times = {2: -35.9, 3: -56.9}
+    result = aot.predict_by_depth(lambda d: Fake(times[d]), 80)
+    assert result["predicted_step_s"] is None and "non-positive" in result["prediction_note"]
+    good = aot.predict_by_depth(lambda d: Fake({2: 1.0, 3: 1.5}[d]), 80)
+    assert good["predicted_step_s"] == pytest.approx(40.0) and "prediction_note" not in good

@@ -68,3 +68,13 @@ def test_plan_on_8_cpu_devices_writes_a_gin_file_lima_train_runs(tmp_path):
     assert f"mesh {best['mesh']}" in train.stdout
     operative = (model_dir / "operative_config.gin").read_text()
     assert f"remat_policy = '{best['remat']}'" in operative
+
+
+def test_without_predictions_the_plan_is_the_first_candidate_that_fits(monkeypatch):
+    reports = iter([_report(None, fits=False), {**_report(1.0), "predicted_step_s": None, "prediction_note": "x"},
+                    {**_report(1.0, remat="none"), "predicted_step_s": None, "prediction_note": "x"}])
+    monkeypatch.setattr(plan.aot, "compile_step", lambda *a, **k: dict(next(reports)))
+    result = plan.plan("tiny", "v4-8", 8, 64, remats=("full", "none"), microbatches=(1, 2),
+                       meshes=[{"data": 1, "fsdp": 4, "tensor": 2}], log=lambda s: 0)
+    assert result["best"]["remat"] == "full" and result["best"]["microbatches"] == 2
+    assert "not predicted (x)" in plan.plan_gin(result)
