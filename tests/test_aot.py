@@ -263,3 +263,18 @@ def test_a_non_positive_cost_model_time_is_no_prediction():
     assert result["predicted_step_s"] is None and "non-positive" in result["prediction_note"]
     good = aot.predict_by_depth(lambda d: Fake({2: 1.0, 3: 1.5}[d]), 80)
     assert good["predicted_step_s"] == pytest.approx(40.0) and "prediction_note" not in good
+
+
+@needs_libtpu
+def test_offload_remat_puts_the_saved_activations_in_host_memory():
+    from lima_jax import mesh as mesh_lib
+
+    def lowered_text(remat):
+        r, config, _ = aot._configure("tiny", 8, 256, remat, [])
+        mesh = mesh_lib.make_mesh(devices=aot.topology_devices(aot.get_slice("v5p-8")), data=1, fsdp=4, tensor=1)
+        rules, fsdp_axes = mesh_lib.logical_rules()
+        ts = train_step.build_train_step(config, r, mesh, rules, fsdp_axes, rows=8)
+        return ts.fn.lower(ts.abstract_state, ts.abstract_batch).as_text()
+
+    assert "pinned_host" in lowered_text("offload_qkv_attn")
+    assert "pinned_host" not in lowered_text("qkv_attn")
