@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from lima_jax.jsonl import parse_object
-from lima_jax.tokenizer import Tokenizer
+from lima_jax.tokenizer import EOT_PIECE, Tokenizer
 
 
 def encode_conversation(turns: Sequence[str], tokenizer: Tokenizer, max_len: Optional[int] = None,
@@ -32,6 +32,17 @@ def encode_prompt(turns: Sequence[str], tokenizer: Tokenizer) -> list[int]:
     if len(turns) % 2 != 1:
         raise ValueError(f"a prompt needs an odd number of turns (ending with the user's), got {len(turns)}")
     return encode_conversation(turns, tokenizer)[0]
+
+
+# The same format as a Hugging Face chat template (tokenizer_config.json of an export with <eot>): BOS,
+# then each turn's text and <eot>. HF's tokenizer gives each text after a special token the
+# sentencepiece word prefix, so the ids equal encode_conversation's (tested). A generation prompt adds
+# nothing: the model continues after the user's <eot>. Roles must alternate, starting with the user.
+HF_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('LIMA conversations alternate user and assistant turns, starting with the user') }}"
+    "{% endif %}{{ message['content'] }}" + EOT_PIECE + "{% endfor %}")
 
 
 # ---- one line of a LIMA-format JSONL file: {"conversations": [user, assistant, ...], "source": ...} ----

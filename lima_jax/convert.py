@@ -24,6 +24,7 @@ from lima_jax import hf_io, model_dir
 from lima_jax.checkpoint import PARAMS_DIR, checkpoint_kind
 from lima_jax.config import CONFIG_FILE, LlamaConfig
 from lima_jax.safetensors_io import write_safetensors_lazy
+from lima_jax.chat_format import HF_CHAT_TEMPLATE
 from lima_jax.tokenizer import EOT_PIECE, TOKENIZER_FILE, eot_id_for
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -353,13 +354,18 @@ def _write_shards(folder: str, specs: list, limit: int, log) -> None:
 
 
 def generation_config(config: LlamaConfig) -> dict:
+    """Stops on EOS and <eot> (LIMA's end of turn); a model with <eot> samples as the paper does
+    (nucleus 0.9, temperature 0.7, repetition penalty 1.2: what lima-decode uses)."""
     eos = [config.eos_token_id] + ([config.eot_token_id] if config.eot_token_id is not None else [])
-    return {"bos_token_id": config.bos_token_id, "eos_token_id": eos if len(eos) > 1 else eos[0]}
+    out = {"bos_token_id": config.bos_token_id, "eos_token_id": eos if len(eos) > 1 else eos[0]}
+    if config.eot_token_id is not None:
+        out.update(do_sample=True, temperature=0.7, top_p=0.9, repetition_penalty=1.2)
+    return out
 
 
 def write_tokenizer_files(folder: str, tokenizer_model: str, config: LlamaConfig) -> None:
     """tokenizer.model plus a tokenizer_config.json that declares <eot> (when the model has one) as a
-    special added token. No tokenizer_class: with one, transformers 5 picks LlamaTokenizer, whose ids
+    special added token, with LIMA's chat template (chat_format.HF_CHAT_TEMPLATE). No tokenizer_class: with one, transformers 5 picks LlamaTokenizer, whose ids
     differ from sentencepiece's; without, AutoTokenizer reads tokenizer.model and matches it."""
     shutil.copyfile(tokenizer_model, os.path.join(folder, TOKENIZER_FILE))
     tok_config = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
@@ -369,6 +375,7 @@ def write_tokenizer_files(folder: str, tokenizer_model: str, config: LlamaConfig
             "content": EOT_PIECE, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
             "single_word": False}}
         tok_config["additional_special_tokens"] = [EOT_PIECE]
+        tok_config["chat_template"] = HF_CHAT_TEMPLATE
     _write_json(os.path.join(folder, "tokenizer_config.json"), tok_config)
 
 

@@ -212,6 +212,37 @@ def test_add_eot_exports_a_tokenizer_that_matches_sentencepiece(tmp_path):
     tokens = np.array([sp.encode("Less is more for alignment")])
     np.testing.assert_array_equal(hf_logits(exported, tokens)[..., :32000], hf_logits(model, tokens))
 
+    # LIMA's chat format through transformers' own chat template machinery
+    from lima_jax import chat_format
+    from lima_jax.tokenizer import Tokenizer
+
+    ours = Tokenizer(LLAMA_TOKENIZER)
+    turns = ["Hi!\n\nHow do I *bold* text in markdown?", " Wrap it: **bold**.\n\n```md\n**x**\n```",
+             "Ünïcödé too? 日本語 🙂\n- a list\n  - nested"]
+    messages = [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(turns)]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert prompt["input_ids"] == chat_format.encode_prompt(turns, ours)
+    dialogue = tok.apply_chat_template(messages[:2], tokenize=True, return_dict=True)
+    assert dialogue["input_ids"] == chat_format.encode_conversation(turns[:2], ours)[0]
+    with pytest.raises(Exception, match="alternate user and assistant"):
+        tok.apply_chat_template(messages[1:], tokenize=False)
+    with open(os.path.join(out, "generation_config.json")) as f:
+        generation = json.load(f)
+    assert generation["eos_token_id"] == [2, 32000]
+    assert (generation["temperature"], generation["top_p"], generation["repetition_penalty"]) == (0.7, 0.9, 1.2)
+
+    # transformers' generate with the exported generation config stops at <eot>: its logit forced high
+    # (the head's <eot> row along the prompt's last hidden state), greedy for determinism
+    ids = torch.tensor([prompt["input_ids"]])
+    with torch.no_grad():
+        h = exported(ids, output_hidden_states=True).hidden_states[-1][0, -1]
+        exported.lm_head.weight[32000] = h * (1e3 / h.dot(h))
+    exported.generation_config.do_sample = False
+    new = exported.generate(ids, max_new_tokens=20)[0, ids.shape[1]:].tolist()
+    assert new == [32000], new
+    exported.generation_config.eos_token_id = 2  # without <eot> among the stops it would go on
+    assert len(exported.generate(ids, max_new_tokens=20)[0, ids.shape[1]:]) == 20
+
 
 def test_add_eot_twice_is_an_error(tmp_path):
     _, src = save_hf(tmp_path, "src")

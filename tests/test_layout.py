@@ -92,8 +92,9 @@ def test_no_native_code_of_ours():
     assert "ext_modules" not in setup and "Extension" not in setup  # pip install -e . compiles nothing
     for name, path in _modules().items():
         text = open(path, encoding="utf-8").read()
+        # Whole words: "tpu_custom_call", the op a Pallas TPU kernel of jax's becomes, is not a call of ours.
         for marker in ("ctypes", "ffi_call", "custom_call", "CDLL"):
-            assert marker not in text, f"{path} uses {marker}"
+            assert not re.search(rf"\b{marker}\b", text), f"{path} uses {marker}"
 
 
 def test_no_blas_or_allocator_handling():
