@@ -352,7 +352,17 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
     if not report["fits"]:
         report["reason"] = (f"needs {per_device / GIB:.2f} GiB per device (arguments + outputs + temporaries − "
                             f"aliased), the device has {s.hbm_per_device / GIB:.2f} GiB")
-    elif predict and (s.topology != "cpu" or step == "train"):
+    elif step == "decode":  # the other program of slot decoding: one prompt prefilled into a slot
+        from lima_jax import decoding
+
+        prompt_len = min(decoding.prompt_bucket(seq_len // 2), seq_len)
+        m = decoding.lower_prefill_slot(config, mesh, rules, batch_size, seq_len, prompt_len).compile().memory_analysis()
+        prefill = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+        report.update(prefill_prompt_len=prompt_len, prefill_bytes_per_device=int(prefill))
+        report["fits"] = bool(prefill <= s.hbm_per_device)
+        if not report["fits"]:
+            report["reason"] = f"the prefill of {prompt_len} tokens needs {prefill / GIB:.2f} GiB per device"
+    if report["fits"] and predict and (s.topology != "cpu" or step == "train"):
         if s.topology == "cpu":
             report.update(measure_step(compiled, abstract_args))
         else:
@@ -392,6 +402,9 @@ def describe(report: dict) -> str:
     if report.get("flops_per_step"):
         lines.append(f"  flops/step {report['flops_per_step']:.3e} (compiler), model flops/step "
                      f"{report['model_flops_per_step']:.3e}")
+    if report.get("prefill_bytes_per_device"):
+        lines.append(f"  prefill of a {report['prefill_prompt_len']}-token prompt into a slot: "
+                     f"{_gib(report['prefill_bytes_per_device'])} per device")
     if report.get("prediction_note"):
         lines.append(f"  predicted: none ({report['prediction_note']}; {report['prediction_method']})")
     if report.get("predicted_step_s"):

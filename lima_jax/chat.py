@@ -49,7 +49,7 @@ class ChatSession:
         gen = decoding.generate(self.lm, [tokens], s["max_new_tokens"], greedy=s["greedy"],
                                 temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
                                 repetition_penalty=s["repetition_penalty"], seed=s["seed"] + self.turn,
-                                stop_ids=[i for i in stop_ids if i < self.lm.config.vocab_size])
+                                stop_ids=[i for i in stop_ids if i < self.lm.config.vocab_size], batch_size=1)
         self.turn += 1
         response = self.tokenizer.decode(gen.tokens[0])
         self.history.append(response)

@@ -1,4 +1,4 @@
-"""Decoding: transformers-exact logits processing and the compiled KV-cache generation loop.
+"""Decoding: transformers-exact logits processing and the slot-based KV-cache decoder.
 
 Sampling is a chain of small pure functions over (logits, tokens seen, settings), in the order
 transformers applies them: repetition penalty → temperature → top-k → top-p, then a draw.
@@ -11,21 +11,37 @@ Two costs dominate on CPU and are avoided here (measured on a 2-core CPU, 58M LL
 - rescanning all previous tokens for the repetition penalty: a [B, V] "seen" mask is updated by one
   scatter per step.
 
-The loop is a `lax.while_loop` whose carry holds the KV cache, so the cache is updated in place, and
-which stops early once every row has finished. `start` (prefill + first token) and `decode_step` (one
-token) are the one definition used by `LanguageModel.generate`, lima-decode, lima-chat and lima-aot.
+Slot decoding (continuous batching): `batch_size` slots, each holding one prompt at its own cache
+length and position. A host loop alternates two compiled programs, both taking the slot state donated
+so the cache is updated in place: `prefill_slot` writes one prompt (right-padded to a bucket) into a
+free slot and draws its first token; `decode_chunk` runs `decode_step` (one token for every slot, each
+written at the slot's own index) until some slot finishes or CHUNK_STEPS pass. The host then hands
+the finished slots the next prompts. Slots, lengths, budgets and seeds are traced: no recompilation
+after the first call of each shape (prefill bucket; slots × cache length × output width).
+
+Per-prompt determinism: a prompt's k-th draw uses fold_in(its own key, k), the draw's path (among
+the candidates or by rejection) is chosen per row, and a prompt's prefill shape depends on its length
+only; so its tokens depend on its prompt, settings and seed, not on its slot, neighbours or start
+time. (A call's cache length follows its longest prompt + budget; masked cache slots add exact zeros
+to attention, and a prompt decoded alone matches it inside a batch: tests/test_decoding.py.)
+`prefill_slot` and `decode_step` are the one definition used by `LanguageModel.generate`,
+lima-decode, lima-chat and lima-aot.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
+import time
 from functools import partial
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lima_jax.model import LAYER_CACHE_NAMES, STACKED_CACHE_NAMES, KVCache, Llama
+from lima_jax.model import LAYER_CACHE_NAMES, KVCache, Llama
 
 NUM_CANDIDATES = 64  # top-K candidates tried for top-p and for the draw before any full-vocabulary pass
 # Trap: slicing lax.top_k's output (e.g. values[:, -1]) stops XLA:CPU from recognising it and turns it
@@ -150,21 +166,29 @@ def _inverse_cdf(u: jax.Array, logits: jax.Array) -> jax.Array:
     return jnp.where(jnp.any(above, axis=-1), jnp.argmax(above, axis=-1), jnp.argmax(probs, axis=-1))
 
 
-def sample(key: jax.Array, logits: jax.Array, top_p=1.0, num_candidates: int = NUM_CANDIDATES) -> jax.Array:
-    """A token id per row drawn from softmax(top_p_filter(logits, top_p)) [B, V]. When the nucleus
-    lies among the top-K candidates (peaked distributions) the draw runs over those only; otherwise
-    by rejection over the vocabulary, which needs no threshold."""
-    u = jax.random.uniform(key, logits.shape[:1], jnp.float32)
-    values, indices, cutoff, exact = _candidates(logits, top_p, num_candidates)
+def _uniforms(key: jax.Array, rows: int, attempt=None) -> jax.Array:
+    """[rows] uniforms in [0, 1): from one key for the whole batch (key shape ()), or one per row from
+    each row's own key (shape [rows]), so that a row's draws do not depend on the other rows."""
+    if key.ndim == 0:
+        return jax.random.uniform(key if attempt is None else jax.random.fold_in(key, attempt), (rows,), jnp.float32)
+    fold = (lambda k: k) if attempt is None else (lambda k: jax.random.fold_in(k, attempt))
+    return jax.vmap(lambda k: jax.random.uniform(fold(k), (), jnp.float32))(key)
 
-    def among_candidates():
-        kept = jnp.where(values < cutoff[:, None], _NEG_INF, values)
-        return jnp.take_along_axis(indices, _inverse_cdf(u, kept)[:, None], axis=-1)[:, 0]
+
+def sample(key: jax.Array, logits: jax.Array, top_p=1.0, num_candidates: int = NUM_CANDIDATES) -> jax.Array:
+    """A token id per row drawn from softmax(top_p_filter(logits, top_p)) [B, V]; `key` is one key,
+    or one per row [B]. Where a row's nucleus lies among the top-K candidates (peaked distributions)
+    its draw runs over those only; otherwise by rejection over the vocabulary, which needs no
+    threshold. The path is chosen per row, so a row's token does not depend on its neighbours."""
+    u = _uniforms(key, logits.shape[0])
+    values, indices, cutoff, exact = _candidates(logits, top_p, num_candidates)
+    kept = jnp.where(values < cutoff[:, None], _NEG_INF, values)
+    among_candidates = jnp.take_along_axis(indices, _inverse_cdf(u, kept)[:, None], axis=-1)[:, 0]
 
     def over_vocabulary():
-        return _nucleus_draw_by_rejection(key, u, logits, top_p)
+        return jnp.where(exact, among_candidates, _nucleus_draw_by_rejection(key, u, logits, top_p, skip=exact))
 
-    return jax.lax.cond(jnp.all(exact), among_candidates, over_vocabulary)
+    return jax.lax.cond(jnp.all(exact), lambda: among_candidates, over_vocabulary)
 
 
 _DRAW_BLOCK = 256  # vocabulary entries per block of the two-level inverse-CDF draw
@@ -187,25 +211,27 @@ def _draw_by_block_sums(u: jax.Array, probs: jax.Array) -> jax.Array:
     return jnp.where(jnp.any(above, axis=-1), j * _DRAW_BLOCK + jnp.argmax(above, axis=-1), jnp.argmax(probs, axis=-1))
 
 
-def _nucleus_draw_by_rejection(key, u, logits, top_p):
+def _nucleus_draw_by_rejection(key, u, logits, top_p, skip=None):
     """A draw from the nucleus of a flat distribution without finding its threshold: draw from the
     whole distribution and keep the token when it belongs to the nucleus (the tokens more probable
     than it hold less than top_p), else draw again. Accepted draws follow the renormalised nucleus
     exactly, and each attempt succeeds with probability >= top_p, so ~1.1 attempts of 2 passes over
-    the vocabulary replace the 32 passes of `_cutoff_by_bisection`."""
+    the vocabulary replace the 32 passes of `_cutoff_by_bisection`. Rows in `skip` [B] are not drawn
+    (their result is meaningless)."""
     top_p = jnp.asarray(top_p, jnp.float32)
     probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
     rows = jnp.arange(logits.shape[0])
 
     def attempt(state):
         i, token, done = state
-        draw_u = jnp.where(i == 0, u, jax.random.uniform(jax.random.fold_in(key, i), u.shape, jnp.float32))
+        draw_u = jnp.where(i == 0, u, _uniforms(key, u.shape[0], i))
         drawn = _draw_by_block_sums(draw_u, probs)
         mass_more_probable = jnp.sum(jnp.where(logits > logits[rows, drawn][:, None], probs, 0.0), axis=-1)
         accept = ~done & ((mass_more_probable < top_p) | (top_p >= 1.0))
         return i + 1, jnp.where(accept, drawn, token), done | accept
 
-    start = (jnp.zeros((), jnp.int32), jnp.zeros(logits.shape[:1], jnp.int32), jnp.zeros(logits.shape[:1], bool))
+    done = jnp.zeros(logits.shape[:1], bool) if skip is None else skip
+    start = (jnp.zeros((), jnp.int32), jnp.zeros(logits.shape[:1], jnp.int32), done)
     return jax.lax.while_loop(lambda state: ~jnp.all(state[2]), attempt, start)[1]
 
 
@@ -227,18 +253,31 @@ def choose_tokens(logits, seen, key, settings: Settings, *, greedy: bool, top_k:
     return sample(key, logits, settings.top_p).astype(jnp.int32)
 
 
-# ---- the generation loop ------------------------------------------------------------------------
+# ---- slot decoding: the state of `batch_size` slots, each decoding its own prompt -----------------
+CACHE_BUCKET = 64  # cache lengths and output widths are multiples of this, so few shapes get compiled
+CHUNK_STEPS = 32  # most decode steps between two host syncs (a chunk also ends when a prompt finishes)
+
+
 class DecodeState(NamedTuple):
-    cache: KVCache
+    """Every slot's decoding state; row b is slot b. A slot holds one prompt at a time: its prompt
+    fills cache slots [0, length) (right-padded), each fed token the next one, at the row's own index."""
+    cache: KVCache  # index [B]: each slot's next cache slot
     seen: jax.Array  # [B, V] bool: tokens in the prompt or output (repetition penalty)
     last: jax.Array  # [B] int32: the token drawn last, fed at the next step
     out: jax.Array  # [B, N] int32: drawn tokens, -1 where nothing was recorded
     lengths: jax.Array  # [B] int32: tokens recorded (stop tokens are not)
-    step: jax.Array  # int32: draws made so far
-    done: jax.Array  # [B] bool
+    step: jax.Array  # [B] int32: draws made for the slot's prompt; the next draw's index
+    done: jax.Array  # [B] bool: finished (or empty)
     stopped: jax.Array  # [B] bool: finished on a stop id
-    limit: jax.Array  # [B] int32: most new tokens for the row
-    key: jax.Array
+    limit: jax.Array  # [B] int32: most new tokens for the slot's prompt
+    keys: jax.Array  # [B, 2] uint32: the key data of the slot's prompt key
+
+
+def _draw_keys(state: DecodeState) -> jax.Array:
+    """[B] keys of the next draw: fold_in(prompt key, draw index), so a prompt's draws depend on its
+    key and the token's index only, not on the slot, its neighbours or when it was started."""
+    keys = jax.random.wrap_key_data(state.keys)
+    return jax.vmap(jax.random.fold_in)(keys, state.step)
 
 
 def _record(state: DecodeState, token, settings: Settings) -> DecodeState:
@@ -246,77 +285,190 @@ def _record(state: DecodeState, token, settings: Settings) -> DecodeState:
     active = ~state.done
     is_stop = jnp.any(token[:, None] == settings.stop_ids[None, :], axis=-1)
     keep = active & ~is_stop
-    column = jnp.where(keep, token, -1)
-    out = jax.lax.dynamic_update_slice(state.out, column[:, None], (0, state.step))
+    rows = jnp.arange(token.shape[0])
+    width = state.out.shape[1]
+    out = state.out.at[rows, jnp.where(keep, state.lengths, width)].set(token, mode="drop")
     lengths = state.lengths + keep.astype(jnp.int32)
     stopped = state.stopped | (active & is_stop)
     done = state.done | is_stop | (lengths >= state.limit)
-    rows = jnp.arange(token.shape[0])
     seen = state.seen.at[rows, token].set(True)
-    return state._replace(seen=seen, last=token, out=out, lengths=lengths, step=state.step + 1, done=done,
-                          stopped=stopped)
+    return state._replace(seen=seen, last=token, out=out, lengths=lengths, step=state.step + active.astype(jnp.int32),
+                          done=done, stopped=stopped)
 
 
-def _next_logits(model: Llama, tokens, mask, cache):
-    out = model(tokens, mask, cache, last_logits_only=True)
+def empty_state(config, batch_size: int, cache_len: int, max_new_tokens: int) -> DecodeState:
+    """`batch_size` empty (done) slots with a per-row-index cache of cache_len slots."""
+    b = batch_size
+    cache = KVCache.zeros(config, b, cache_len)
+    cache = cache._replace(index=jnp.zeros((b,), jnp.int32))
+    zeros = jnp.zeros((b,), jnp.int32)
+    return DecodeState(cache=cache, seen=jnp.zeros((b, config.vocab_size), bool), last=zeros,
+                       out=jnp.full((b, max_new_tokens), -1, jnp.int32), lengths=zeros, step=zeros,
+                       done=jnp.ones((b,), bool), stopped=jnp.zeros((b,), bool), limit=zeros,
+                       keys=jnp.zeros((b, 2), jnp.uint32))
+
+
+def prompt_key(seed, fold) -> jax.Array:
+    """A prompt's key: fold_in(key(seed), fold) (jittable)."""
+    return jax.random.fold_in(jax.random.key(seed), fold)
+
+
+def _insert_row(cache: KVCache, row: KVCache, slot, length) -> KVCache:
+    """The cache with slot `slot` holding a one-row cache's keys/values (its first min(P, S) slots),
+    its first `length` slots marked real and its index at `length`."""
+    s, p = cache.mask.shape[1], row.mask.shape[1]
+    n = min(s, p)  # slots past the prompt are padding; past S there is nothing real (length <= S)
+    if cache.per_layer:  # [B,KVH,S,D]
+        put = lambda big, small: jax.lax.dynamic_update_slice(big, small[:, :, :n], (slot, 0, 0, 0))
+        k = tuple(map(put, cache.k, row.k))
+        v = tuple(map(put, cache.v, row.v))
+    else:  # [L,B,S,KVH,D]
+        k = jax.lax.dynamic_update_slice(cache.k, row.k[:, :, :n], (0, slot, 0, 0, 0))
+        v = jax.lax.dynamic_update_slice(cache.v, row.v[:, :, :n], (0, slot, 0, 0, 0))
+    mask = jax.lax.dynamic_update_slice(cache.mask, (jnp.arange(s) < length)[None], (slot, 0))
+    return KVCache(k, v, mask, cache.index.at[slot].set(length))
+
+
+def prefill_slot(model: Llama, state: DecodeState, slot, tokens, length, limit, seed, fold, settings: Settings, *,
+                 greedy: bool, top_k: int, layers: Optional[list] = None) -> DecodeState:
+    """Starts a prompt in slot `slot`: tokens [1, P] (the prompt right-padded to a bucket, `length`
+    real), its keys/values written into the slot, its first token drawn (draw 0 of its key
+    prompt_key(seed, fold)); at most `limit` new tokens. layers: model.split_layers(), or None."""
+    cfg = model.config
+    p = tokens.shape[1]
+    prompt_mask = (jnp.arange(p) < length)[None]
+    out = model(tokens, prompt_mask, KVCache.zeros(cfg, 1, p), logits_at=(length - 1)[None], layer_params=layers)
+    logits = out.logits[:, 0, : cfg.vocab_size]
+    limit = jnp.asarray(limit, jnp.int32)[None]
+    zero = jnp.zeros((1,), jnp.int32)
+    row = DecodeState(cache=None, seen=seen_mask(jnp.where(prompt_mask, tokens, -1), cfg.vocab_size), last=zero,
+                      out=jnp.full((1, state.out.shape[1]), -1, jnp.int32), lengths=zero, step=zero, done=limit <= 0,
+                      stopped=jnp.zeros((1,), bool), limit=limit,
+                      keys=jax.random.key_data(prompt_key(seed, fold))[None])
+    token = choose_tokens(logits, row.seen, _draw_keys(row), settings, greedy=greedy, top_k=top_k)
+    row = _record(row, token, settings)
+    put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, axis=0)
+    fields = {f: put(getattr(state, f), getattr(row, f)) for f in DecodeState._fields if f != "cache"}
+    return DecodeState(cache=_insert_row(state.cache, out.cache, slot, length), **fields)
+
+
+def _next_logits(model: Llama, tokens, mask, cache, layers=None):
+    out = model(tokens, mask, cache, last_logits_only=True, layer_params=layers)
     return out.logits[:, -1, : model.config.vocab_size], out.cache
 
 
-def start(model: Llama, prompts, prompt_mask, limit, key, settings: Settings, *, max_new_tokens: int,
-          greedy: bool, top_k: int) -> DecodeState:
-    """Prefill of left-padded prompts [B, P] (prompt_mask 0 on padding) and the first draw."""
-    cfg = model.config
-    b, p = prompts.shape
-    cache = KVCache.zeros(cfg, b, p + max_new_tokens)
-    logits, cache = _next_logits(model, prompts, prompt_mask, cache)
-    seen = seen_mask(jnp.where(prompt_mask, prompts, -1), cfg.vocab_size)
-    state = DecodeState(cache=cache, seen=seen, last=jnp.zeros((b,), jnp.int32),
-                        out=jnp.full((b, max_new_tokens), -1, jnp.int32), lengths=jnp.zeros((b,), jnp.int32),
-                        step=jnp.zeros((), jnp.int32), done=limit <= 0, stopped=jnp.zeros((b,), bool),
-                        limit=limit, key=key)
-    token = choose_tokens(logits, seen, jax.random.fold_in(key, 0), settings, greedy=greedy, top_k=top_k)
-    return _record(state, token, settings)
+def decode_step(model: Llama, state: DecodeState, settings: Settings, *, greedy: bool, top_k: int,
+                layers: Optional[list] = None) -> DecodeState:
+    """Feeds each slot's last token through the cache at the slot's own index and draws the next one.
+    Finished and empty slots run too (static shapes) but keep their index and record nothing.
+    layers: model.split_layers() (the unrolled loop's), taken outside the token loop, or None."""
+    active = ~state.done
+    logits, cache = _next_logits(model, state.last[:, None], active[:, None], state.cache, layers)
+    cache = cache._replace(index=jnp.where(active, cache.index, state.cache.index))
+    token = choose_tokens(logits, state.seen, _draw_keys(state), settings, greedy=greedy, top_k=top_k)
+    return _record(state._replace(cache=cache), token, settings)
 
 
-def decode_step(model: Llama, state: DecodeState, settings: Settings, *, greedy: bool, top_k: int) -> DecodeState:
-    """Feeds each row's last token through the cache and draws the next one."""
-    b = state.last.shape[0]
-    logits, cache = _next_logits(model, state.last[:, None], jnp.ones((b, 1), bool), state.cache)
-    state = state._replace(cache=cache)
-    token = choose_tokens(logits, state.seen, jax.random.fold_in(state.key, state.step), settings,
-                          greedy=greedy, top_k=top_k)
-    return _record(state, token, settings)
+def decode_chunk(model: Llama, state: DecodeState, settings: Settings, max_steps, *, greedy: bool, top_k: int,
+                 layers: Optional[list] = None):
+    """(state, steps run, busy slot-steps): decode steps until max_steps, every slot is done, or some
+    slot finishes (so that the host can give it the next prompt). The unrolled loop's layer parameters
+    (`layers`, else sliced here) are taken out of the stacked ones before the token loop."""
+    started_done = state.done
+    if layers is None and not model.config.scan_layers:
+        layers = model.split_layers()
+
+    def running(carry):
+        i, _, s = carry
+        return (i < max_steps) & ~jnp.all(s.done) & ~jnp.any(s.done & ~started_done)
+
+    def step(carry):
+        i, busy, s = carry
+        busy = busy + jnp.sum(~s.done, dtype=jnp.int32)
+        return i + 1, busy, decode_step(model, s, settings, greedy=greedy, top_k=top_k, layers=layers)
+
+    zero = jnp.zeros((), jnp.int32)
+    steps, busy, state = jax.lax.while_loop(running, step, (zero, zero, state))
+    return state, steps, busy
 
 
-def _generate(graphdef, params, prompts, prompt_mask, limit, key, settings, *, max_new_tokens, greedy, top_k):
-    model = nnx.merge(graphdef, params)
-    state = start(model, prompts, prompt_mask, limit, key, settings, max_new_tokens=max_new_tokens,
-                  greedy=greedy, top_k=top_k)
-    state = jax.lax.while_loop(
-        lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done),
-        lambda s: decode_step(model, s, settings, greedy=greedy, top_k=top_k), state)
-    return state.out, state.lengths, state.stopped
+def _split_layers(graphdef, params):
+    return nnx.merge(graphdef, params).split_layers()
 
 
-_generate_jit = jax.jit(_generate, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k"))
+def _prefill(graphdef, params, layers, state, slot, tokens, length, limit, seed, fold, settings, *, greedy, top_k):
+    return prefill_slot(nnx.merge(graphdef, params), state, slot, tokens, length, limit, seed, fold, settings,
+                        greedy=greedy, top_k=top_k, layers=layers)
+
+
+def _decode(graphdef, params, layers, state, settings, max_steps, *, greedy, top_k):
+    return decode_chunk(nnx.merge(graphdef, params), state, settings, max_steps, greedy=greedy, top_k=top_k,
+                        layers=layers)
+
+
+def decode_config(config):
+    """The model config decoding runs: the unrolled layer loop, whose per-layer cache buffers are written
+    and read in place (the stacked cache of the scanned loop is copied a layer at a time at every
+    token, a cost that grows with the cache: 1.8x the step time at 1024 slots, 58M model, CPU). The
+    parameters are the same arrays in either loop."""
+    return config.replace(scan_layers=False)
+
+
+@functools.lru_cache(maxsize=None)
+def decode_graphdef(config) -> nnx.GraphDef:
+    """The graph of `decode_config(config)`'s model, to merge with a LanguageModel's parameters."""
+    return nnx.split(nnx.eval_shape(lambda: Llama(decode_config(config))))[0]
+
+
+# The state is donated: the cache is written in place from call to call.
+_prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "greedy", "top_k"), donate_argnames=("state",))
+_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "greedy", "top_k"), donate_argnames=("state",))
+_empty_state_jit = jax.jit(empty_state, static_argnums=(0, 1, 2, 3))
+# Once per generate call: XLA:CPU materialises a slice of the stacked weights wherever it is taken
+# (a copy of every layer's weights, ~30 ms for the 58M model), so the programs get them pre-sliced.
+_split_layers_jit = jax.jit(_split_layers, static_argnums=0)
+
+
+# ---- the host loop: refill slots between chunks ---------------------------------------------------
+@dataclasses.dataclass
+class DecodeStats:
+    """Counters of one `generate` call (so far, when passed to its callbacks)."""
+    slots: int
+    decode_steps: int = 0  # decode steps run (each over all slots)
+    busy_slot_steps: int = 0  # slot-steps spent on an unfinished prompt (one draw each)
+    started: int = 0  # prompts prefilled (one draw each)
+    new_tokens: int = 0  # tokens of the finished prompts
+    finished: int = 0  # prompts finished
+    seconds: float = 0.0  # since the call started (compilation included)
+
+    @property
+    def occupancy(self) -> float:
+        """The fraction of slot-steps that decoded a prompt (1.0 before any step)."""
+        return self.busy_slot_steps / (self.slots * self.decode_steps) if self.decode_steps else 1.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Tokens drawn per second so far (in-flight prompts' and stop tokens included)."""
+        return (self.started + self.busy_slot_steps) / self.seconds if self.seconds > 0 else 0.0
 
 
 class Generation(NamedTuple):
     tokens: list  # per prompt: the new tokens, without the stop token
     stopped: list  # per prompt: True if it ended on a stop id, False if it hit the length limit
+    stats: Optional[DecodeStats] = None
 
 
-def left_pad(prompts: Sequence[Sequence[int]], bucket: int = PROMPT_BUCKET) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [B, P], mask [B, P]) with each prompt at the right end; P a multiple of `bucket`."""
-    longest = max(len(p) for p in prompts)
-    width = -(-longest // bucket) * bucket
-    tokens = np.zeros((len(prompts), width), np.int32)
-    mask = np.zeros((len(prompts), width), bool)
-    for i, prompt in enumerate(prompts):
-        if len(prompt):
-            tokens[i, width - len(prompt):] = prompt
-            mask[i, width - len(prompt):] = True
-    return tokens, mask
+def prompt_bucket(length: int) -> int:
+    """The padded prefill length of a prompt: the smallest of 32·2^k and 48·2^k that holds it (at most
+    ~1.5× the prompt; about two compiled prefill shapes per doubling of the prompt length)."""
+    size = PROMPT_BUCKET
+    while size < length:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def default_stop_ids(config) -> list[int]:
@@ -324,58 +476,109 @@ def default_stop_ids(config) -> list[int]:
     return [i for i in (config.eot_token_id, config.eos_token_id) if i is not None]
 
 
-def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greedy: bool = False,
+def _per_prompt(value, n: int, name: str) -> list[int]:
+    """An int for every prompt, or a list with one int per prompt."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} values for {n} prompts")
+        values = list(value)
+    else:
+        values = [value] * n
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not -2 ** 31 <= v < 2 ** 31:
+            raise ValueError(f"{name} must be an int32 or a list of them, got {v!r}")
+    return [int(v) for v in values]
+
+
+def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens, *, greedy: bool = False,
              temperature: float = 0.7, top_p: float = 0.9, top_k: int = 0, repetition_penalty: float = 1.2,
-             seed: int = 0, stop_ids: Optional[Sequence[int]] = None) -> Generation:
-    """Generates for a batch of token-id prompts of any lengths with a LanguageModel `lm` (its
-    parameters stay where they are, e.g. sharded on lm.mesh); see LanguageModel.generate."""
-    if not prompts:
-        return Generation([], [])
-    _check_settings(lm.config, prompts, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty)
-    program, args, static = _generate_call(lm, prompts, max_new_tokens, greedy, temperature, top_p, top_k,
-                                           repetition_penalty, seed, stop_ids)
-    if max_new_tokens == 0:
-        return Generation([[] for _ in prompts], [False] * len(prompts))
-    with lm._rules():
-        out, lengths, stopped = program(*args, **static)
-    out, lengths, stopped = np.asarray(out), np.asarray(lengths), np.asarray(stopped)
-    # Recorded tokens are contiguous from column 0: a row records every step until it finishes.
-    return Generation([out[i, : lengths[i]].tolist() for i in range(len(prompts))], stopped.tolist())
-
-
-def lower_generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, greedy: bool = False,
-                   temperature: float = 0.7, top_p: float = 0.9, top_k: int = 0, repetition_penalty: float = 1.2,
-                   seed: int = 0, stop_ids: Optional[Sequence[int]] = None) -> jax.stages.Lowered:
-    """The very program `generate` runs for these arguments, lowered, not run (`.compile().as_text()`
-    shows what the decode loop compiles to)."""
-    program, args, static = _generate_call(lm, prompts, max_new_tokens, greedy, temperature, top_p, top_k,
-                                           repetition_penalty, seed, stop_ids)
-    with lm._rules():
-        return program.lower(*args, **static)
-
-
-def _generate_call(lm, prompts, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty, seed,
-                   stop_ids):
-    """(the jitted generation program, its arguments, its static keywords)."""
+             seed=0, stop_ids: Optional[Sequence[int]] = None, batch_size: int = 8,
+             on_finish: Optional[Callable[[int, list, bool], None]] = None,
+             on_chunk: Optional[Callable[[DecodeStats], None]] = None) -> Generation:
+    """Generates for token-id prompts of any lengths with a LanguageModel `lm` (its parameters stay
+    where they are, e.g. sharded on lm.mesh) in `batch_size` slots: a slot whose prompt finishes takes
+    the next one while the others keep decoding. max_new_tokens and seed: an int, or one per prompt.
+    Prompt i draws from prompt_key(seed, i) (int seed) or prompt_key(seed[i], 0) (a list), so its tokens
+    depend on its prompt, settings and seed only. on_finish(i, tokens, stopped) is called as each
+    prompt finishes, on_chunk(stats) after each chunk of decode steps; results are in prompt order."""
+    n = len(prompts)
+    limits = _per_prompt(max_new_tokens, n, "max_new_tokens")
+    seeds = _per_prompt(seed, n, "seed")
+    folds = [0] * n if isinstance(seed, (list, tuple, np.ndarray)) else list(range(n))
+    _check_settings(lm.config, prompts, limits, greedy, temperature, top_p, top_k, repetition_penalty, batch_size)
+    stats = DecodeStats(int(batch_size))
+    if not n:
+        return Generation([], [], stats)
     config = lm.config
-    stop_ids = default_stop_ids(config) if stop_ids is None else [int(s) for s in stop_ids]
     context = config.max_position_embeddings
-    limit = np.array([min(max_new_tokens, context - len(p)) for p in prompts], np.int32)
-    # The loop bound (and cache length) depends on the settings only, not on the prompts, so batches
-    # of one padded length share one compiled program; rows still stop at their own limit.
-    steps = int(max(min(max_new_tokens, context - 1), 1))
-    tokens, mask = left_pad(prompts)
+    limits = [min(m, context - len(p)) for m, p in zip(limits, prompts)]
+    tokens, stopped = [[] for _ in prompts], [False] * n
+    todo = [i for i in range(n) if limits[i] > 0]
+    if not todo:
+        return Generation(tokens, stopped, stats)
+    stop_ids = default_stop_ids(config) if stop_ids is None else [int(s) for s in stop_ids]
     settings = Settings(jnp.float32(temperature), jnp.float32(top_p), jnp.float32(repetition_penalty),
                         jnp.asarray(stop_ids + [-1], jnp.int32))
-    args = (lm._graphdef, lm._state, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(limit),
-            jax.random.key(seed), settings)
-    static = dict(max_new_tokens=steps, greedy=bool(greedy), top_k=int(top_k))
-    return _generate_jit, args, static
+    cache_len = min(_round_up(max(len(prompts[i]) + limits[i] for i in todo), CACHE_BUCKET), context)
+    width = _round_up(max(limits[i] for i in todo), CACHE_BUCKET)
+    static = dict(greedy=bool(greedy), top_k=int(top_k))
+    # Longest budgets first: without stops this fills the slots evenly (the tail is shortest).
+    pending = collections.deque(sorted(todo, key=lambda i: -limits[i]))
+    slot_prompt: list = [None] * int(batch_size)
+    started = time.perf_counter()
+
+    def harvest(host):
+        """Finishes the prompts of done slots from a host copy (done, lengths, stopped, out)."""
+        done, lengths, was_stopped, out = host
+        for slot, i in enumerate(slot_prompt):
+            if i is not None and done[slot]:
+                tokens[i], stopped[i] = out[slot, : lengths[slot]].tolist(), bool(was_stopped[slot])
+                slot_prompt[slot] = None
+                stats.new_tokens += len(tokens[i])
+                stats.finished += 1
+                stats.seconds = time.perf_counter() - started
+                if on_finish is not None:
+                    on_finish(i, tokens[i], stopped[i])
+
+    def fetch(state, *more):
+        return jax.device_get((state.done, state.lengths, state.stopped, state.out) + more)
+
+    graphdef = decode_graphdef(config)
+    with lm._rules():
+        layers = _split_layers_jit(graphdef, lm._state)
+        state = _empty_state_jit(decode_config(config), int(batch_size), cache_len, width)
+        while pending or any(i is not None for i in slot_prompt):
+            while pending and None in slot_prompt:  # refill; a prompt may finish on its first token
+                for slot in [s for s, i in enumerate(slot_prompt) if i is None]:
+                    if not pending:
+                        break
+                    i = pending.popleft()
+                    prompt = np.zeros((1, prompt_bucket(len(prompts[i]))), np.int32)
+                    prompt[0, : len(prompts[i])] = prompts[i]
+                    state = _prefill_jit(graphdef, lm._state, layers, state, slot, prompt, len(prompts[i]),
+                                         limits[i], seeds[i], folds[i], settings, **static)
+                    slot_prompt[slot] = i
+                    stats.started += 1
+                harvest(fetch(state))
+            if all(i is None for i in slot_prompt):
+                break
+            state, steps, busy = _decode_jit(graphdef, lm._state, layers, state, settings, CHUNK_STEPS, **static)
+            *host, steps, busy = fetch(state, steps, busy)
+            stats.decode_steps += int(steps)
+            stats.busy_slot_steps += int(busy)
+            harvest(host)
+            stats.seconds = time.perf_counter() - started
+            if on_chunk is not None:
+                on_chunk(stats)
+    stats.seconds = time.perf_counter() - started
+    return Generation(tokens, stopped, stats)
 
 
-def _check_settings(config, prompts, max_new_tokens, greedy, temperature, top_p, top_k, repetition_penalty):
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+def _check_settings(config, prompts, limits, greedy, temperature, top_p, top_k, repetition_penalty, batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if any(m < 0 for m in limits):
+        raise ValueError(f"max_new_tokens must be >= 0, got {min(limits)}")
     if not greedy and not temperature > 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
     if not 0 < top_p <= 1:
@@ -395,43 +598,97 @@ def _check_settings(config, prompts, max_new_tokens, greedy, temperature, top_p,
             raise ValueError(f"prompt {i}: token ids must be in [0, {config.vocab_size}), got {low}..{high}")
 
 
-# ---- the decode step on abstract inputs (lima-aot) ------------------------------------------------
-def lower_decode_step(config, mesh, rules, batch_size: int, cache_len: int, *, greedy: bool = False,
-                      top_k: int = 0):
-    """`decode_step` — the body of `generate`'s loop — jitted with parameters and KV cache sharded on
-    `mesh` by `rules`, lowered on abstract inputs (nothing allocated): what lima-aot compiles."""
+def lower_decode_chunk(lm, batch_size: int, cache_len: int, max_new_tokens: int, *, greedy: bool = False,
+                       top_k: int = 0) -> jax.stages.Lowered:
+    """The decode program `generate` runs between refills, for these shapes, lowered, not run
+    (`.compile().as_text()` shows what the decode loop compiles to)."""
+    settings = Settings(jnp.float32(0.7), jnp.float32(0.9), jnp.float32(1.2), jnp.asarray([-1], jnp.int32))
+    graphdef = decode_graphdef(lm.config)
+    with lm._rules():
+        state = _empty_state_jit(decode_config(lm.config), batch_size, cache_len, max_new_tokens)
+        layers = _split_layers_jit(graphdef, lm._state)
+        return _decode_jit.lower(graphdef, lm._state, layers, state, settings, CHUNK_STEPS, greedy=greedy,
+                                 top_k=top_k)
+
+
+# ---- the slot programs on abstract inputs (lima-aot) ----------------------------------------------
+def _abstract_inputs(config, mesh, rules, batch_size: int, cache_len: int):
+    """(graphdef, params, layers, state, settings, arg): the abstract inputs of the slot programs of
+    decode_config(config) — parameters (pure dict), the per-layer parameters as `generate` passes them
+    (nnx States), a DecodeState, Settings — with shardings from `rules` on `mesh`; arg(shape, dtype,
+    names=None) makes one more abstract input."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from lima_jax import sharding
 
+    config = decode_config(config)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(config)))
     p_shard = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh, rules))
     params = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                           nnx.to_pure_dict(abstract), p_shard)
 
-    def spec(names, shape):
-        return NamedSharding(mesh, sharding.logical_to_spec(names, rules, mesh, shape))
-
     def arg(shape, dtype, names=None):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=spec(names, shape) if names else
-                                    NamedSharding(mesh, PartitionSpec()))
+        spec = sharding.logical_to_spec(names, rules, mesh, shape) if names else PartitionSpec()
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+    def one_layer(var):  # a slice of a stacked parameter: its names without "layers"
+        shape, names = var.shape[1:], tuple(var.get_metadata()["out_sharding"])[1:]
+        return var.replace(arg(shape, var.dtype, names))
+
+    layer = jax.tree.map(one_layer, abstract["layers"], is_leaf=lambda x: isinstance(x, nnx.Variable))
+    layers = [layer] * config.num_layers
 
     b, v = batch_size, config.vocab_size
-    kv = jax.eval_shape(lambda: KVCache.zeros(config, b, cache_len))  # the layout follows config.scan_layers
-    kv_names = STACKED_CACHE_NAMES if config.scan_layers else LAYER_CACHE_NAMES
-    buffers = partial(jax.tree.map, lambda a: arg(a.shape, a.dtype, kv_names))
+    kv = jax.eval_shape(lambda: KVCache.zeros(config, b, cache_len))
+    buffers = partial(jax.tree.map, lambda a: arg(a.shape, a.dtype, LAYER_CACHE_NAMES))
     cache = KVCache(buffers(kv.k), buffers(kv.v), arg((b, cache_len), jnp.bool_, ("batch", "length")),
-                    arg((), jnp.int32))
-    state = DecodeState(cache=cache, seen=arg((b, v), jnp.bool_, ("batch", "vocab")), last=arg((b,), jnp.int32),
-                        out=arg((b, cache_len), jnp.int32), lengths=arg((b,), jnp.int32), step=arg((), jnp.int32),
-                        done=arg((b,), jnp.bool_), stopped=arg((b,), jnp.bool_), limit=arg((b,), jnp.int32),
-                        key=jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, PartitionSpec())))
+                    arg((b,), jnp.int32, ("batch",)))
+    rows = partial(arg, names=("batch",))
+    state = DecodeState(cache=cache, seen=arg((b, v), jnp.bool_, ("batch", "vocab")), last=rows((b,), jnp.int32),
+                        out=arg((b, cache_len), jnp.int32, ("batch", None)), lengths=rows((b,), jnp.int32),
+                        step=rows((b,), jnp.int32), done=rows((b,), jnp.bool_), stopped=rows((b,), jnp.bool_),
+                        limit=rows((b,), jnp.int32), keys=arg((b, 2), jnp.uint32, ("batch", None)))
     settings = Settings(arg((), jnp.float32), arg((), jnp.float32), arg((), jnp.float32), arg((2,), jnp.int32))
+    return graphdef, params, layers, state, settings, arg
 
-    def step(params, state, settings):
-        st = nnx.split(nnx.eval_shape(lambda: Llama(config)))[1]
-        nnx.replace_by_pure_dict(st, params)
+
+def _merge_abstract(config, graphdef, params):
+    st = nnx.split(nnx.eval_shape(lambda: Llama(decode_config(config))))[1]
+    nnx.replace_by_pure_dict(st, params)
+    return nnx.merge(graphdef, st)
+
+
+def lower_decode_step(config, mesh, rules, batch_size: int, cache_len: int, *, greedy: bool = False,
+                      top_k: int = 0):
+    """`decode_step` — one token for every slot, the body of `generate`'s decode chunks, with the
+    per-layer parameters as inputs as there — jitted with parameters and slot state sharded on `mesh`
+    by `rules`, lowered on abstract inputs (nothing allocated), the state donated: what lima-aot
+    compiles. (The layout is decode_config(config)'s: the unrolled layer loop.)"""
+    from lima_jax import sharding
+
+    graphdef, params, layers, state, settings, _ = _abstract_inputs(config, mesh, rules, batch_size, cache_len)
+
+    def step(params, layers, state, settings):
         with sharding.use_rules(mesh, rules):
-            return decode_step(nnx.merge(graphdef, st), state, settings, greedy=greedy, top_k=top_k)
+            return decode_step(_merge_abstract(config, graphdef, params), state, settings, greedy=greedy, top_k=top_k,
+                               layers=layers)
 
-    return jax.jit(step, donate_argnums=1).lower(params, state, settings)
+    return jax.jit(step, donate_argnums=2).lower(params, layers, state, settings)
+
+
+def lower_prefill_slot(config, mesh, rules, batch_size: int, cache_len: int, prompt_len: int, *,
+                       greedy: bool = False, top_k: int = 0):
+    """`prefill_slot` — one prompt of `prompt_len` (padded) tokens into one slot of the donated slot
+    state — lowered on abstract inputs like `lower_decode_step`."""
+    from lima_jax import sharding
+
+    graphdef, params, layers, state, settings, arg = _abstract_inputs(config, mesh, rules, batch_size, cache_len)
+    scalar = arg((), jnp.int32)
+
+    def prefill(params, layers, state, slot, tokens, length, limit, seed, fold, settings):
+        with sharding.use_rules(mesh, rules):
+            return prefill_slot(_merge_abstract(config, graphdef, params), state, slot, tokens, length, limit, seed,
+                                fold, settings, greedy=greedy, top_k=top_k, layers=layers)
+
+    return jax.jit(prefill, donate_argnums=2).lower(params, layers, state, scalar, arg((1, prompt_len), jnp.int32),
+                                                    scalar, scalar, scalar, scalar, settings)

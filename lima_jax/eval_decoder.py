@@ -4,10 +4,13 @@ Input lines: {"id"?: str|int, "conversations": [user, (assistant, user)...]} (id
 line number). Output lines: {"id", "prompt" (the last user turn), "conversations", "response",
 "num_tokens", "finish_reason" ("stop" | "length"), "settings"}.
 
-Resuming: batches are fixed by the whole prompt file (sorted by length, then cut), each batch is
-appended as complete lines with one write + fsync, and a rerun drops a trailing partial line and
-skips the ids already written. Each batch samples with a seed derived from its index, so a run that
-was killed and rerun writes the same file as an uninterrupted one.
+Decoding runs `batch_size` slots (decoding.generate): each prompt's line is appended (one write +
+fsync) as soon as it finishes, and its slot takes the next prompt. Each prompt samples from its own
+seed, derived from the run's seed and its id, so its line does not depend on which prompts run
+beside it. Resuming: a kill loses only the prompts in flight; a rerun drops a trailing partial line,
+skips the ids already written and redoes the others, giving the same lines. Once every prompt is
+done the file is rewritten (atomically) in prompt-file order, so a killed and rerun job ends with
+the same bytes as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -15,11 +18,13 @@ import dataclasses
 import json
 import os
 import re
+import zlib
 from typing import Callable, Iterator, Optional, Sequence
 
 import gin
 
 from lima_jax import decoding
+from lima_jax.atomic import atomic_write_text
 from lima_jax.chat_format import encode_prompt, parse_lima_line
 from lima_jax.tokenizer import Tokenizer, find_tokenizer
 
@@ -93,10 +98,20 @@ def append_lines(path: str, rows: Sequence[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def length_batches(prompts: Sequence[Prompt], batch_size: int) -> list[list[Prompt]]:
-    """Batches of prompts of similar token length (less padding), in a fixed order."""
-    ordered = sorted(prompts, key=lambda p: (len(p.tokens), p.line))
-    return [ordered[i: i + batch_size] for i in range(0, len(ordered), batch_size)]
+def prompt_seed(seed: int, prompt_id) -> int:
+    """A prompt's own sampling seed: the run's seed and the prompt's id, hashed (stable across runs)."""
+    return zlib.crc32(json.dumps([int(seed), prompt_id]).encode("utf-8")) & 0x7FFFFFFF
+
+
+def sort_output(path: str, prompts: Sequence[Prompt]) -> None:
+    """Rewrites a complete output file with its lines in prompt-file order (lines of other ids last,
+    in their order), atomically; nothing is written when the order is already right."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines(keepends=True) if line.strip()]
+    rank = {p.id: i for i, p in enumerate(prompts)}
+    ordered = sorted(lines, key=lambda line: rank.get(json.loads(line)["id"], len(rank)))
+    if ordered != lines:
+        atomic_write_text(path, "".join(ordered))
 
 
 def stop_ids_for(lm, tokenizer: Tokenizer) -> list[int]:
@@ -112,45 +127,39 @@ def decode_file(lm, tokenizer: Tokenizer, prompts_path: str, output_path: str, s
         raise ValueError(f"the model's vocabulary ({lm.config.vocab_size}) lacks the EOT id {tokenizer.eot_id} of "
                          f"{tokenizer.path}: convert the checkpoint with --add_eot or use its own tokenizer")
     prompts = read_prompts(prompts_path)
+    context = lm.config.max_position_embeddings
     for p in prompts:
         p.tokens = encode_prompt(p.turns, tokenizer)
+        if len(p.tokens) >= context:
+            raise ValueError(f"{prompts_path}:{p.line}: the prompt is {len(p.tokens)} tokens; the model's context "
+                             f"holds {context} (prompt plus at least one new token)")
     done = read_done_ids(output_path)
-    batch_size = int(settings["batch_size"])
-    batches = length_batches(prompts, batch_size)
-    todo = sum(p.id not in done for p in prompts)
-    stop_ids = stop_ids_for(lm, tokenizer)
+    todo = [p for p in prompts if p.id not in done]
     record = {k: settings[k] for k in ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens",
                                        "seed", "greedy")}
     record["checkpoint"] = checkpoint
-    written = 0
-    with _progress(todo, progress, os.path.basename(output_path)) as bar:
-        for index, batch in enumerate(batches):
-            if all(p.id in done for p in batch):
-                continue
-            # Full batches only (the last one padded with copies of its first prompt): one compiled shape.
-            rows = [p.tokens for p in batch] + [batch[0].tokens] * (batch_size - len(batch))
-            gen = decoding.generate(lm, rows, settings["max_new_tokens"], greedy=settings["greedy"],
-                                    temperature=settings["temperature"], top_p=settings["top_p"],
-                                    top_k=settings["top_k"], repetition_penalty=settings["repetition_penalty"],
-                                    seed=_batch_seed(settings["seed"], index), stop_ids=stop_ids)
-            out = []
-            for p, tokens, stopped in zip(batch, gen.tokens, gen.stopped):
-                if p.id in done:
-                    continue
-                out.append(dict(id=p.id, prompt=p.turns[-1], conversations=p.turns, response=tokenizer.decode(tokens),
-                                num_tokens=len(tokens), finish_reason="stop" if stopped else "length",
-                                settings=record))
-            append_lines(output_path, out)
-            written += len(out)
-            bar.update(len(out))
-    return written
+    with _progress(len(todo), progress, os.path.basename(output_path)) as bar:
+        def finished(i, tokens, stopped):
+            p = todo[i]
+            append_lines(output_path, [dict(id=p.id, prompt=p.turns[-1], conversations=p.turns,
+                                            response=tokenizer.decode(tokens), num_tokens=len(tokens),
+                                            finish_reason="stop" if stopped else "length", settings=record)])
+            bar.update(1)
 
-
-def _batch_seed(seed: int, index: int) -> int:
-    return (int(seed) * 1_000_003 + index) % (2 ** 31)
+        decoding.generate(lm, [p.tokens for p in todo], settings["max_new_tokens"], greedy=settings["greedy"],
+                          temperature=settings["temperature"], top_p=settings["top_p"], top_k=settings["top_k"],
+                          repetition_penalty=settings["repetition_penalty"],
+                          seed=[prompt_seed(settings["seed"], p.id) for p in todo],
+                          stop_ids=stop_ids_for(lm, tokenizer),
+                          batch_size=int(settings["batch_size"]), on_finish=finished, on_chunk=bar.show_speed)
+    if os.path.exists(output_path):
+        sort_output(output_path, prompts)
+    return len(todo)
 
 
 class _progress:
+    """A tqdm bar over prompts showing the decoder's tokens/s and slot occupancy (or nothing)."""
+
     def __init__(self, total: int, enabled: bool, name: str):
         self.bar = None
         if enabled:
@@ -164,6 +173,10 @@ class _progress:
     def update(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
+
+    def show_speed(self, stats: decoding.DecodeStats) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{stats.tokens_per_s:.1f} tok/s, occupancy {stats.occupancy:.0%}")
 
     def __exit__(self, *exc):
         if self.bar is not None:

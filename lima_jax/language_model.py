@@ -71,16 +71,19 @@ class LanguageModel:
             out = _forward_logits_jit(self._graphdef, self._state, jnp.asarray(tokens), jnp.asarray(mask))
         return np.asarray(out[..., : self.config.vocab_size], np.float32)
 
-    def generate(self, prompts, max_new_tokens: int = 2048, greedy: bool = False, temperature: float = 0.7,
-                 top_p: float = 0.9, top_k: int = 0, repetition_penalty: float = 1.2, seed: int = 0,
-                 stop_ids=None) -> list[list[int]]:
-        """New tokens for each prompt (token-id lists of any lengths), without the stop token.
+    def generate(self, prompts, max_new_tokens: int | list[int] = 2048, greedy: bool = False,
+                 temperature: float = 0.7, top_p: float = 0.9, top_k: int = 0, repetition_penalty: float = 1.2,
+                 seed: int | list[int] = 0, stop_ids=None, batch_size: int = 8) -> list[list[int]]:
+        """New tokens for each prompt (token-id lists of any lengths), without the stop token, in prompt
+        order. max_new_tokens and seed: one for all prompts or a list with one per prompt; a prompt's
+        tokens depend on its prompt, the settings and its seed only (an int seed gives prompt i its own
+        key from seed and i). batch_size prompts decode at once; a finished one's slot takes the next.
         stop_ids=None stops on EOT (when the model has one) and EOS; [] never stops. See decoding.py."""
         from lima_jax import decoding
 
         return decoding.generate(self, prompts, max_new_tokens, greedy=greedy, temperature=temperature,
                                  top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed,
-                                 stop_ids=stop_ids).tokens
+                                 stop_ids=stop_ids, batch_size=batch_size).tokens
 
     def _rules(self):
         return contextlib.nullcontext() if self.mesh is None else sharding.use_rules(self.mesh, self.rules)

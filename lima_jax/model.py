@@ -44,7 +44,9 @@ LAYER_CACHE_NAMES = ("batch", "kv_heads", "length", "head_dim")
 
 class KVCache(NamedTuple):
     """Keys/values of every layer for `max_len` slots. `mask[b, s]` marks slots holding real tokens
-    (left padding is masked out); `index` is the next slot to write, shared by all rows.
+    (left padding is masked out); `index` is the next slot to write: an int32 scalar shared by all
+    rows, or one per row [batch] (slot decoding: each row holds its own prompt at its own length; a
+    row's mask is then False from its index on, so its real slots are counted, not scanned).
 
     k and v come in one of two layouts, chosen by `zeros` from config.scan_layers:
     - stacked, for the scanned layer loop: one array [layers, batch, max_len, kv_heads, head_dim];
@@ -55,7 +57,7 @@ class KVCache(NamedTuple):
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]
     mask: jax.Array  # [batch, max_len] bool
-    index: jax.Array  # int32 scalar
+    index: jax.Array  # int32 scalar, or [batch] int32
 
     @classmethod
     def zeros(cls, config: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
@@ -198,17 +200,38 @@ def _project(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _write_cache(k, v, kv_cache, index):
-    """Writes the new keys/values [B,T,KVH,D] at slot `index` of the cache buffers; returns the updated
-    buffers and this layer's keys/values [B,KVH,S,D]. The slots are written first and the layer read
-    back from the result, so the buffers are updated in place (reading the old layer first made XLA
-    copy them whole)."""
+    """Writes the new keys/values [B,T,KVH,D] at slot `index` (scalar, or one per row [B]) of the cache
+    buffers; returns the updated buffers and this layer's keys/values [B,KVH,S,D]. The slots are
+    written first and the layer read back from the result, so the buffers are updated in place
+    (reading the old layer first made XLA copy them whole)."""
     k_buffer, v_buffer, layer = kv_cache
+    if jnp.ndim(index) == 1:
+        return _write_cache_per_row(k, v, k_buffer, v_buffer, layer, index)
     if layer is None:  # this layer's own buffers [B,KVH,S,D]
         k_buffer = jax.lax.dynamic_update_slice(k_buffer, k.swapaxes(1, 2).astype(k_buffer.dtype), (0, 0, index, 0))
         v_buffer = jax.lax.dynamic_update_slice(v_buffer, v.swapaxes(1, 2).astype(v_buffer.dtype), (0, 0, index, 0))
         return k_buffer, v_buffer, k_buffer, v_buffer
     k_buffer = jax.lax.dynamic_update_slice(k_buffer, k[None].astype(k_buffer.dtype), (layer, 0, index, 0, 0))
     v_buffer = jax.lax.dynamic_update_slice(v_buffer, v[None].astype(v_buffer.dtype), (layer, 0, index, 0, 0))
+    keys = jax.lax.dynamic_index_in_dim(k_buffer, layer, keepdims=False).swapaxes(1, 2)
+    values = jax.lax.dynamic_index_in_dim(v_buffer, layer, keepdims=False).swapaxes(1, 2)
+    return k_buffer, v_buffer, keys, values
+
+
+def _write_cache_per_row(k, v, k_buffer, v_buffer, layer, index):
+    """_write_cache with each row b written at its own slot index[b]: one update of a row's slot
+    range per row (B is static and small), each in place like the shared-index write."""
+    def write(buffer, new, b):
+        if layer is None:  # [B,KVH,S,D] ← new [B,T,KVH,D]
+            return jax.lax.dynamic_update_slice(buffer, new[b: b + 1].swapaxes(1, 2).astype(buffer.dtype),
+                                                (b, 0, index[b], 0))
+        return jax.lax.dynamic_update_slice(buffer, new[None, b: b + 1].astype(buffer.dtype),
+                                            (layer, b, index[b], 0, 0))
+
+    for b in range(k.shape[0]):
+        k_buffer, v_buffer = write(k_buffer, k, b), write(v_buffer, v, b)
+    if layer is None:
+        return k_buffer, v_buffer, k_buffer, v_buffer
     keys = jax.lax.dynamic_index_in_dim(k_buffer, layer, keepdims=False).swapaxes(1, 2)
     values = jax.lax.dynamic_index_in_dim(v_buffer, layer, keepdims=False).swapaxes(1, 2)
     return k_buffer, v_buffer, keys, values
@@ -294,7 +317,8 @@ class Llama(nnx.Module):
     def __call__(self, tokens: jax.Array, attention_mask: Optional[jax.Array] = None,
                  cache: Optional[KVCache] = None, *, dropout_key: Optional[jax.Array] = None,
                  return_hidden_states: bool = False, last_logits_only: bool = False,
-                 segment_ids: Optional[jax.Array] = None, positions: Optional[jax.Array] = None) -> ModelOutput:
+                 segment_ids: Optional[jax.Array] = None, positions: Optional[jax.Array] = None,
+                 logits_at: Optional[jax.Array] = None, layer_params: Optional[list] = None) -> ModelOutput:
         """tokens [B, T] int; attention_mask [B, T] (1 = real token, 0 = padding; default all real).
 
         Positions count real tokens only, so left- and right-padded rows get the positions they would
@@ -302,7 +326,11 @@ class Llama(nnx.Module):
         positions [B, T] (each token's index in its own example) replace attention_mask; a token
         attends only to earlier tokens of its own segment. With a cache, the T tokens are written at `cache.index` and may attend to every
         earlier real slot. dropout_key=None means deterministic (no dropout). last_logits_only: logits
-        of the last position only (decoding's prefill skips the LM head on the others)."""
+        of the last position only (decoding's prefill skips the LM head on the others); logits_at [B]:
+        logits of position logits_at[b] of each row only (a right-padded prompt's last real token).
+        layer_params: the unrolled loop's per-layer parameters from `split_layers()`, computed once
+        outside a decode loop, which then does not slice the stacked parameters again at every token
+        (XLA:CPU materialises each slice: a copy of every layer's weights per step)."""
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         b, t = tokens.shape
@@ -319,6 +347,17 @@ class Llama(nnx.Module):
             key_mask = segment_ids > 0
             mask = segment_ids  # attention builds the per-segment causal mask from the ids, block by block
             cache_index = None
+        elif jnp.ndim(cache.index) == 1:  # each row writes at its own index
+            cache_index = cache.index
+            slots = jnp.arange(cache.mask.shape[1])
+            offset = slots[None, :] - cache_index[:, None]  # [B, S]: slot s holds new token `offset`
+            written = jnp.take_along_axis(attention_mask, jnp.clip(offset, 0, t - 1), axis=1)
+            key_mask = jnp.where((offset >= 0) & (offset < t), written, cache.mask)
+            # Real slots lie below each row's index: their count is the next token's position.
+            before = jnp.sum(cache.mask, axis=1, dtype=jnp.int32)[:, None]
+            positions = jnp.maximum(before + jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1, 0)
+            causal = slots[None, None, :] <= (cache_index[:, None] + jnp.arange(t)[None, :])[:, :, None]
+            mask = causal & key_mask[:, None, :]
         else:
             cache_index = cache.index
             key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache_index))
@@ -333,8 +372,10 @@ class Llama(nnx.Module):
         x = self.embed[...].astype(dtype)[tokens]
         x = constrain(x, ("batch", "length", "act_embed"))
         x, new_cache, hidden = self._run_layers(x, cos, sin, mask, dropout_key, cache, cache_index,
-                                                return_hidden_states)
-        if last_logits_only:
+                                                return_hidden_states, layer_params)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
+        elif last_logits_only:
             x = x[:, -1:]
         x = self.final_norm(x)
         logits = self._lm_head(x)
@@ -355,7 +396,12 @@ class Llama(nnx.Module):
         logits = jnp.einsum("te,ve->tv" if tied else "te,ev->tv", x, head, preferred_element_type=jnp.float32)
         return logits.reshape(b, t, -1)
 
-    def _run_layers(self, x, cos, sin, mask, dropout_key, cache, cache_index, return_hidden_states):
+    def split_layers(self) -> list:
+        """The stacked layer parameters as one tree per layer (for `layer_params`)."""
+        return _unstack_layers(nnx.split(self.layers)[1], self.config.num_layers)
+
+    def _run_layers(self, x, cos, sin, mask, dropout_key, cache, cache_index, return_hidden_states,
+                    layer_params=None):
         cfg = self.config
         graphdef, stacked = nnx.split(self.layers)
         rates = jnp.asarray(cfg.layer_dropout_rates(), jnp.float32)
@@ -372,6 +418,8 @@ class Llama(nnx.Module):
 
         hidden = [x] if return_hidden_states else None
         if cfg.scan_layers:
+            if layer_params is not None:
+                raise ValueError("layer_params are for the unrolled layer loop (scan_layers=False)")
             if cache is not None and cache.per_layer:
                 raise ValueError("the scanned layer loop needs a stacked KV cache; build it with scan_layers=True")
 
@@ -392,8 +440,9 @@ class Llama(nnx.Module):
             if cache is not None and not cache.per_layer:
                 raise ValueError("the unrolled layer loop needs a per-layer KV cache; build it with scan_layers=False")
             ks, vs = (None, None) if cache is None else (list(cache.k), list(cache.v))
-            for i, layer_params in enumerate(_unstack_layers(stacked, cfg.num_layers)):
-                x, new_kv = one_layer(x, layer_params, i, None if cache is None else (ks[i], vs[i], None))
+            layers = _unstack_layers(stacked, cfg.num_layers) if layer_params is None else layer_params
+            for i, params in enumerate(layers):
+                x, new_kv = one_layer(x, params, i, None if cache is None else (ks[i], vs[i], None))
                 if cache is not None:
                     ks[i], vs[i] = new_kv
                 if return_hidden_states:

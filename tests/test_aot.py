@@ -141,6 +141,8 @@ def test_decode_step_compiles_the_generate_loop_body(monkeypatch):
     report = aot.compile_step("tiny", "v4-8", batch_size=8, seq_len=128, step="decode")
     assert traced, "lima-aot --step decode must lower decoding.decode_step, the loop body of lm.generate"
     assert report["fits"] is True and report["per_device_bytes"] > 0 and report["step"] == "decode"
+    assert report["prefill_prompt_len"] == 64 and report["prefill_bytes_per_device"] > 0  # prompt_bucket(128 // 2)
+    assert report["predicted_step_s"] > 0 and report["predicted_bytes_per_device"] > 0
 
 
 def test_packed_rows_from_lima_lengths_or_from_the_data():

@@ -1,5 +1,6 @@
 """lima_jax/decoding.py: logits processors against transformers', greedy parity with transformers'
-generate, sampling statistics, reproducibility and per-row stopping."""
+generate (with slot refills), sampling statistics, per-prompt determinism (order, neighbours, slots),
+per-prompt budgets, per-row stopping, occupancy, no recompilation, the cache updated in place."""
 from __future__ import annotations
 
 import re
@@ -94,12 +95,12 @@ def test_sample_frequencies_match_probabilities(scale):
     assert _chi_square_p(draws, np.asarray(jax.nn.softmax(logits[0]))) < 1e-6
 
 
-def _toy_lm(vocab=40, seed=0, **changes):
+def _toy_lm(vocab=40, seed=0, head_scale=8.0, **changes):
     config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, max_position_embeddings=96).replace(**changes)
     model = build_model(config, seed=seed)
     # Scale the head so the next-token distribution is neither flat nor one-hot.
-    model.lm_head[...] = model.lm_head[...] * 8.0
+    model.lm_head[...] = model.lm_head[...] * head_scale
     return LanguageModel(config, model)
 
 
@@ -141,15 +142,57 @@ def _hf_greedy(hf, prompt, n, penalty):
     (dict(num_key_value_heads=2), 1.0),
     (dict(num_key_value_heads=1, tie_word_embeddings=True), 1.2),
 ], ids=["gqa", "tied"])
-def test_batched_greedy_equals_transformers_one_at_a_time(hf_model_dir, variant, penalty):
+def test_slot_greedy_equals_transformers_one_at_a_time(hf_model_dir, variant, penalty):
+    """Six prompts of different lengths in 4 slots: two slots are refilled while the others decode."""
     hf, folder = hf_model_dir(seed=4, **variant)
     lm = lima_jax.load_pretrained(folder)
     rng = np.random.RandomState(0)
-    prompts = [rng.randint(0, 256, n).tolist() for n in (3, 17, 40, 9)]
+    prompts = [rng.randint(0, 256, n).tolist() for n in (3, 17, 40, 9, 60, 1)]
     n = 50
-    ours = lm.generate(prompts, max_new_tokens=n, greedy=True, repetition_penalty=penalty, stop_ids=[])
-    for prompt, got in zip(prompts, ours):
+    gen = decoding.generate(lm, prompts, n, greedy=True, repetition_penalty=penalty, stop_ids=[], batch_size=4)
+    assert gen.stats.finished == 6 and gen.stats.decode_steps == 2 * (n - 1)  # two waves of 4 + 2 prompts
+    for prompt, got in zip(prompts, gen.tokens):
         assert got == _hf_greedy(hf, prompt, n, penalty)
+
+
+@pytest.mark.parametrize("head_scale", [14.0, 1.0], ids=["mixed-draw-paths", "flat-rejection-draws"])
+def test_a_prompt_samples_the_same_in_any_order_and_alone(head_scale):
+    """Paper sampling, 12 prompts of mixed lengths and budgets with their own seeds in 4 slots: the
+    reverse order (other slots, other neighbours, other start times) and a prompt alone give the
+    same tokens. The flat model's nuclei exceed the 64 candidates (every draw by rejection); the
+    other's are about half within them, so rows drawing by either path sit side by side."""
+    lm = _toy_lm(vocab=300, head_scale=head_scale, max_position_embeddings=128)
+    rng = np.random.RandomState(1)
+    prompts = [rng.randint(0, 300, rng.randint(1, 70)).tolist() for _ in range(12)]
+    budgets = rng.randint(1, 50, 12).tolist()
+    seeds = (np.arange(12) * 7 + 3).tolist()
+    forward = decoding.generate(lm, prompts, budgets, seed=seeds, batch_size=4, stop_ids=[])
+    reverse = decoding.generate(lm, prompts[::-1], budgets[::-1], seed=seeds[::-1], batch_size=4, stop_ids=[])
+    assert forward.tokens == reverse.tokens[::-1]
+    assert [len(t) for t in forward.tokens] == budgets
+    for i in (0, 7):
+        assert lm.generate([prompts[i]], budgets[i], seed=[seeds[i]], batch_size=4, stop_ids=[]) == [forward.tokens[i]]
+    # Not vacuous: another seed changes the tokens, and an int seed gives each prompt its own key.
+    assert lm.generate([prompts[0]], budgets[0], seed=[seeds[0] + 1], stop_ids=[]) != [forward.tokens[0]]
+    same = lm.generate([prompts[0]] * 2, 30, seed=seeds[0], stop_ids=[])
+    assert same[0] != same[1]
+    assert same[0] == lm.generate([prompts[0]], 30, seed=[seeds[0]], stop_ids=[])[0]  # prompt 0: fold 0
+
+
+def test_each_prompt_gets_its_own_budget_and_occupancy_is_counted():
+    """Without stops, prompt i gets exactly max_new_tokens[i]; a slot that finishes early idles when
+    nothing is left to start, which the occupancy counts (one draw per prompt comes from its prefill)."""
+    lm = _toy_lm()
+    prompts = [[1, 2, 3], [1, 5], [1, 9, 9, 4], [2], [3, 3]]
+    budgets = [10, 2, 7, 0, 1]
+    gen = decoding.generate(lm, prompts, budgets, stop_ids=[], batch_size=2)
+    assert [len(t) for t in gen.tokens] == budgets and gen.stopped == [False] * 5
+    # Longest budget first: slot 0 runs 10, slot 1 runs 7, then 2 (then 1, done at its prefill draw).
+    assert gen.stats.decode_steps == 9 and gen.stats.busy_slot_steps == 9 + 6 + 1 + 0
+    assert gen.stats.occupancy == pytest.approx(16 / 18)
+    # A budget of 10 for everyone: both slots busy at every step.
+    full = decoding.generate(lm, prompts[:4], 10, stop_ids=[], batch_size=2)
+    assert full.stats.occupancy == 1.0 and full.stats.new_tokens == 40
 
 
 def test_per_row_stop_on_eot_and_nothing_after():
@@ -158,13 +201,16 @@ def test_per_row_stop_on_eot_and_nothing_after():
     free = lm.generate(prompts, max_new_tokens=24, greedy=True, stop_ids=[])
     eot = free[0][5]  # row 0 draws this at step 5 (and maybe earlier)
     lm_eot = LanguageModel(lm.config.replace(eot_token_id=eot), lm.model)
-    stopped = lm_eot.generate(prompts, max_new_tokens=24, greedy=True)  # default: EOT and EOS
+    # Default stops: EOT and EOS. Two slots: the third prompt starts in the slot a stop frees.
+    stopped = lm_eot.generate(prompts, max_new_tokens=24, greedy=True, batch_size=2)
     for row_free, row in zip(free, stopped):
         cut = [i for i, t in enumerate(row_free) if t in (eot, lm.config.eos_token_id)]
         assert row == (row_free[:cut[0]] if cut else row_free)
     assert len(stopped[0]) <= 5
     gen = decoding.generate(lm_eot, prompts, 24, greedy=True)
     assert gen.stopped[0] and gen.tokens == stopped
+    # One wave: the loop ends when the last row has made its draws (a stop token is a draw).
+    assert gen.stats.decode_steps == max(len(t) + s for t, s in zip(gen.tokens, gen.stopped)) - 1
     assert all(s == (len(t) < 24) for s, t in zip(gen.stopped, gen.tokens))
 
 
@@ -176,8 +222,29 @@ def test_new_tokens_bounded_by_context():
     assert gen.stopped == [False, False]
     with pytest.raises(ValueError, match="prompt 0 has 96 tokens"):
         lm.generate([[1] * 96])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        lm.generate([[1], []])
     with pytest.raises(ValueError, match="top_p"):
         lm.generate([[1]], top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens has 1 values for 2 prompts"):
+        lm.generate([[1], [2]], max_new_tokens=[3])
+    with pytest.raises(ValueError, match="seed must be an int32"):
+        lm.generate([[1]], seed=[1.5])
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        lm.generate([[1]], batch_size=0)
+    assert lm.generate([], 5) == []
+
+
+def test_no_recompilation_after_warm_up():
+    """Other prompts of the same prefill buckets, budgets and cache length run the compiled programs:
+    slots, lengths, budgets and seeds are traced."""
+    lm = _toy_lm()
+    lm.generate([[1, 2, 3], [4] * 40, [5, 6]], [20, 9, 14], seed=1, batch_size=2, stop_ids=[])
+    sizes = decoding._prefill_jit._cache_size(), decoding._decode_jit._cache_size()
+    lm.generate([[7] * 45, [8, 9], [3] * 20, [2]], [3, 11, 25, 6], seed=[4, 5, 6, 7], batch_size=2, stop_ids=[])
+    assert (decoding._prefill_jit._cache_size(), decoding._decode_jit._cache_size()) == sizes
+    lm.generate([[1] * 50], 5, batch_size=2)  # a new prefill bucket: one more program (the test can fail)
+    assert decoding._prefill_jit._cache_size() == sizes[0] + 1
 
 
 def test_block_sum_draw_equals_the_full_inverse_cdf():
@@ -217,19 +284,19 @@ def _elements(shape: str) -> int:
 
 def test_decode_loop_writes_and_reads_the_kv_cache_in_place():
     """No copy of a layer's keys or values per generated token: inside the compiled loop, every array
-    the size of a layer's cache buffer is a loop-carried buffer or an in-place slot write. (Reading a
-    layer out of stacked buffers copied it at every step on CPU; buffers that XLA could not update in
-    place were copied whole.) With the unrolled layer loop's per-layer buffers."""
-    lm = _toy_lm(scan_layers=False)
+    the size of a layer's cache buffer is a loop-carried buffer or an in-place slot write (one per slot:
+    each writes at its own index). (Reading a layer out of stacked buffers copied it at every step on
+    CPU; buffers that XLA could not update in place were copied whole.) Decoding runs the unrolled
+    layer loop's per-layer buffers whatever the config's loop: built here with the scanned one."""
+    lm = _toy_lm(scan_layers=True)
     cfg = lm.config
-    prompts = [[1, 2, 3], [4, 5], [6]]
-    steps = 7
-    hlo = decoding.lower_generate(lm, prompts, steps).compile().as_text()
+    slots, cache_len = 3, 64
+    hlo = decoding.lower_decode_chunk(lm, slots, cache_len, 64).compile().as_text()
     computations = _computations(hlo)
     bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
     # The token loop, not the sampler's: the one whose computations (with those it calls) hold the dots.
     loop = max(bodies, key=lambda name: sum(computations[c].count(" dot(") for c in _called(computations, name)))
-    layer_elements = 3 * cfg.num_kv_heads * (decoding.left_pad(prompts)[0].shape[1] + steps) * cfg.head_dim
+    layer_elements = slots * cfg.num_kv_heads * cache_len * cfg.head_dim
     sized = []
     for shape, op, rest in re.findall(r"= \w+\[([\d,]*)\]\S* ([\w-]+)\((.*)", computations[loop]):
         if _elements(shape) in (layer_elements, cfg.num_layers * layer_elements):
@@ -239,7 +306,38 @@ def test_decode_loop_writes_and_reads_the_kv_cache_in_place():
                 assert "dynamic-update-slice(" in called and "dynamic-slice(" not in called, called
             else:
                 assert op in ("get-tuple-element", "bitcast", "parameter", "tuple"), op
-    assert sized.count("fusion") == 2 * cfg.num_layers  # each layer writes its keys and values
+    assert sized.count("fusion") == 2 * cfg.num_layers * slots  # each layer writes each slot's keys and values
+    # Nor a copy of a layer's weights per token: they are sliced out of the stacked ones before the loop.
+    e, f = cfg.hidden_size, cfg.intermediate_size
+    weights = [op for shape, op in re.findall(r"= \w+\[([\d,]*)\]\S* ([\w-]+)\(", computations[loop])
+               if shape in (f"{e},{f}", f"{f},{e}")]
+    assert weights and set(weights) <= {"get-tuple-element", "parameter", "bitcast", "tuple"}, weights
     # The RoPE table depends on the cache length only: computed before the loop, not at every token.
     inside = _called(computations, loop)
     assert not any(" cosine(" in computations[name] or " sine(" in computations[name] for name in inside)
+
+
+def test_prefill_writes_its_slot_in_place():
+    """Starting a prompt writes its keys/values into the donated cache: in the compiled prefill (the
+    program lima-aot lowers), every array the size of a layer's cache buffer is an input, an output or
+    an in-place write; none is copied."""
+    from lima_jax import mesh as mesh_lib
+
+    config = _toy_lm().config
+    slots, cache_len = 3, 64
+    mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    rules, _ = mesh_lib.logical_rules()
+    hlo = decoding.lower_prefill_slot(config, mesh, rules, slots, cache_len, 32).compile().as_text()
+    computations = _computations(hlo)
+    entry = re.search(r"^ENTRY %?([\w.\-]+)", hlo, re.M).group(1)
+    layer_elements = slots * config.num_kv_heads * cache_len * config.head_dim
+    sized = []
+    for shape, op, rest in re.findall(r"= \w+\[([\d,]*)\]\S* ([\w-]+)\((.*)", computations[entry]):
+        if _elements(shape) == layer_elements:
+            sized.append(op)
+            if op == "fusion":
+                called = computations[re.search(r"calls=%?([\w.\-]+)", rest).group(1)]
+                assert "dynamic-update-slice(" in called, called
+            else:
+                assert op in ("get-tuple-element", "bitcast", "parameter", "tuple"), op
+    assert sized.count("fusion") == 2 * config.num_layers  # each layer's keys and values, written once

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -89,14 +90,68 @@ def test_killed_run_resumes_to_the_same_file(checkpoint, tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    lines_at_kill = len(_rows(out))
-    assert 0 < lines_at_kill < 20
+    at_kill = open(out).read().splitlines(keepends=True)
+    assert 0 < len(at_kill) < 20
+    # Lines are final as soon as they are written: each equals the uninterrupted run's line.
+    assert set(at_kill) < set(open(reference).read().splitlines(keepends=True))
     with open(out, "a") as f:  # a write cut short mid-line
         f.write('{"id": "half a line')
     assert decode_cli.main(_args(checkpoint, prompts, out)) == 0
     assert open(out).read() == open(reference).read()
     ids = [r["id"] for r in _rows(out)]
     assert len(ids) == len(set(ids)) == 20
+    assert ids == _line_ids(prompts)
+
+
+def _line_ids(path):
+    """The ids of a prompt file, in its order (an id defaults to the line number)."""
+    return [json.loads(line).get("id", n) for n, line in enumerate(open(path), start=1)]
+
+
+def test_lines_stream_in_finish_order_then_the_file_is_in_prompt_order(checkpoint, tmp_path, monkeypatch):
+    """Each prompt's line is appended when it finishes (short answers first, whatever their place in
+    the file); the finished file is rewritten in prompt order. A prompt's line does not depend on the
+    prompts decoded beside it: alone in its own file it is the same line."""
+    from lima_jax import load_pretrained
+
+    prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_prompts(prompts, 6)
+    appended = []
+    real = eval_decoder.append_lines
+    monkeypatch.setattr(eval_decoder, "append_lines", lambda path, rows: appended.append(rows) or real(path, rows))
+    lm, tokenizer = load_pretrained(checkpoint), eval_decoder.resolve_tokenizer(checkpoint, None)
+    # Budgets up to the context: a long (multi-turn) prompt has less room, and a later slot.
+    settings = dict(eval_decoder.load_settings([], [], {}), batch_size=2)
+    assert eval_decoder.decode_file(lm, tokenizer, str(prompts), str(out), settings, progress=False) == 6
+    assert [len(rows) for rows in appended] == [1] * 6  # one line per write, as each prompt finished
+    streamed = [rows[0]["id"] for rows in appended]
+    assert sorted(map(str, streamed)) == sorted(map(str, _line_ids(prompts))) and streamed != _line_ids(prompts)
+    assert [r["id"] for r in _rows(out)] == _line_ids(prompts)
+    row = json.loads(open(prompts).read().splitlines()[2])
+    alone = tmp_path / "alone.jsonl"
+    alone.write_text(json.dumps(dict(row, id=3)) + "\n")  # the same id as line 3 of the full file
+    eval_decoder.decode_file(lm, tokenizer, str(alone), str(tmp_path / "alone_out.jsonl"), settings, progress=False)
+    assert open(tmp_path / "alone_out.jsonl").read() == open(out).read().splitlines(keepends=True)[2]
+
+
+def test_progress_bar_shows_speed_and_occupancy(checkpoint, tmp_path, capsys):
+    from lima_jax import load_pretrained
+
+    prompts, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_prompts(prompts, 3)
+    settings = dict(eval_decoder.load_settings([], [], {}), batch_size=2, max_new_tokens=40)
+    lm, tokenizer = load_pretrained(checkpoint), eval_decoder.resolve_tokenizer(checkpoint, None)
+    assert eval_decoder.decode_file(lm, tokenizer, str(prompts), str(out), settings, progress=True) == 3
+    err = capsys.readouterr().err
+    assert "3/3" in err and re.search(r"[\d.]+ tok/s, occupancy \d+%", err), err
+
+
+def test_prompt_longer_than_the_context_is_a_file_line_error(checkpoint, tmp_path, capsys):
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text('{"conversations": ["hi"]}\n{"conversations": ["' + "the cat sat on the mat " * 30 + '"]}\n')
+    assert decode_cli.main(_args(checkpoint, prompts, tmp_path / "out.jsonl")) == 2
+    assert re.search(rf"{prompts}:2: the prompt is \d+ tokens; the model's context holds 96", capsys.readouterr().err)
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_malformed_prompt_line_is_a_file_line_error(checkpoint, tmp_path, capsys):

@@ -155,6 +155,53 @@ def test_kv_cache_prefill_and_steps_equal_full_forward(scan_layers):
         assert np.abs(got - alone[n - 1: n - 1 + steps]).max() <= 1e-5
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_per_row_cache_index_and_logits_at_equal_full_forward(scan_layers):
+    """Slot decoding's cache: each row's prompt right-padded at slots [0, n), its logits read at n - 1
+    (logits_at), then one token per step written at the row's own index; a row that skips a step
+    (attention mask 0) keeps its index. Every row's logits equal its full forward."""
+    config, model = _random_model(scan_layers=scan_layers, num_layers=2)
+    lengths = [5, 11, 8]
+    steps = 6
+    full = _tokens(3, max(lengths) + steps, vocab=config.vocab_size, seed=5)
+    width = max(lengths)
+    prompt = np.where(np.arange(width)[None] < np.array(lengths)[:, None], full[:, :width], 0).astype(np.int32)
+    prompt_mask = np.arange(width)[None] < np.array(lengths)[:, None]
+    forward = nnx.jit(lambda m, t, a, c, at: m(t, a, c, logits_at=at))
+    cache = model.init_cache(batch=3, max_len=width + steps)
+    out = forward(model, jnp.asarray(prompt), jnp.asarray(prompt_mask), cache, jnp.asarray(lengths) - 1)
+    got = [[np.asarray(out.logits[row, 0])] for row in range(3)]
+    cache = out.cache._replace(index=jnp.asarray(lengths, jnp.int32), mask=jnp.asarray(
+        np.arange(width + steps)[None] < np.array(lengths)[:, None]))
+    step = nnx.jit(lambda m, t, a, c: m(t, a, c, last_logits_only=True))
+    fed = list(lengths)
+    for s in range(steps):
+        active = np.array([True, s % 2 == 0, True])  # row 1 sits out every other step
+        tokens = np.array([[full[row, fed[row]]] for row in range(3)], np.int32)
+        out = step(model, jnp.asarray(tokens), jnp.asarray(active[:, None]), cache)
+        cache = out.cache._replace(index=jnp.where(jnp.asarray(active), out.cache.index, cache.index))
+        for row in np.flatnonzero(active):
+            got[row].append(np.asarray(out.logits[row, 0]))
+            fed[row] += 1
+    assert list(np.asarray(cache.index)) == fed
+    for row, n in enumerate(lengths):
+        alone = np.asarray(model(jnp.asarray(full[row: row + 1, : fed[row]])).logits[0])
+        assert np.abs(np.stack(got[row]) - alone[n - 1: fed[row]]).max() <= 1e-5
+
+
+def test_layer_params_sliced_outside_equal_the_stacked_ones():
+    """Decoding slices the layers' parameters once and passes them in: the same logits; the scanned
+    loop refuses them (it slices inside its scan)."""
+    config, model = _random_model(scan_layers=False, num_layers=2)
+    tokens = jnp.asarray(_tokens(2, 9, vocab=config.vocab_size, seed=6))
+    run = nnx.jit(lambda m, t: (m(t).logits, m(t, layer_params=m.split_layers()).logits))
+    plain, sliced = run(model, tokens)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(sliced))
+    _, scanned = _random_model(scan_layers=True, num_layers=2)
+    with pytest.raises(ValueError, match="unrolled layer loop"):
+        scanned(tokens, layer_params=scanned.split_layers())
+
+
 def _layer_slice(model, index):
     graphdef, stacked = nnx.split(model.layers)
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], stacked))

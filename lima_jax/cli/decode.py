@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep_checkpoints", metavar="EPOCHS",
                    help="with a model_dir: decode with each listed epoch's checkpoint (e.g. 5-10) into "
                         "OUTPUT with .epochN before the extension")
-    p.add_argument("--batch_size", type=int)
+    p.add_argument("--batch_size", type=int,
+                   help="slots: prompts decoded at once; a finished prompt's slot takes the next (default 8)")
     add_sampling_args(p)
     p.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     return p
