@@ -187,15 +187,13 @@ def parse_mesh(text: Optional[str], n_devices: int, batch_size: int) -> dict:
 
 
 def _resolved(sizes: dict, n_devices: int) -> dict:
-    """Mesh sizes with the one -1 (the rest) filled in; the product must be the slice's devices."""
-    text = ",".join(f"{k}={v}" for k, v in sizes.items())
-    if list(sizes.values()).count(-1) > 1:
-        raise ValueError(f"--mesh {text}: at most one axis may be -1")
-    known = math.prod(v for v in sizes.values() if v != -1)
-    resolved = {k: (n_devices // max(known, 1) if v == -1 else v) for k, v in sizes.items()}
-    if math.prod(resolved.values()) != n_devices:
-        raise ValueError(f"--mesh {text} does not multiply to the slice's {n_devices} devices")
-    return resolved
+    """Mesh sizes with the one -1 (the rest) filled in, checked against the slice's devices."""
+    from lima_jax.mesh import AXES, mesh_sizes
+
+    try:
+        return dict(zip(AXES, mesh_sizes(sizes["data"], sizes["fsdp"], sizes["tensor"], n_devices)))
+    except ValueError as e:
+        raise ValueError(f"--mesh {','.join(f'{k}={v}' for k, v in sizes.items())}: {e}") from None
 
 
 def model_flops_per_step(config, batch_size: int, seq_len: int) -> float:

@@ -19,22 +19,28 @@ from lima_jax import sharding
 AXES = ("data", "fsdp", "tensor")
 
 
-@gin.configurable
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Optional[Sequence] = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices (of every host); one size may be -1 = the rest."""
-    devices = list(jax.devices() if devices is None else devices)
+def mesh_sizes(data: int, fsdp: int, tensor: int, n_devices: int) -> list[int]:
+    """[data, fsdp, tensor] over n_devices, the one -1 (if any) filled in with the rest."""
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor}: at most one axis may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor}: {len(devices)} devices are not "
+        if n_devices % known:
+            raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor}: {n_devices} devices are not "
                              f"divisible by {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
+        sizes[sizes.index(-1)] = n_devices // known
+    if int(np.prod(sizes)) != n_devices:
         raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                         f"{len(devices)} are present")
+                         f"{n_devices} are present")
+    return sizes
+
+
+@gin.configurable
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Optional[Sequence] = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices (of every host); one size may be -1 = the rest."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_sizes(data, fsdp, tensor, len(devices))
     try:  # topology-aware order on TPU; a plain reshape elsewhere
         from jax.experimental import mesh_utils
 

@@ -81,7 +81,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _plan(args, prog: str) -> int:
-    from lima_jax import plan
+    from lima_jax import aot, plan
 
     remats = tuple(r.strip() for r in args.remats.split(",")) if args.remats else plan.PLAN_REMATS
     unknown = [r for r in remats if r not in REMAT_POLICIES]
@@ -89,8 +89,6 @@ def _plan(args, prog: str) -> int:
         raise ValueError(f"--remats: unknown policy {unknown[0]!r}; known: {', '.join(REMAT_POLICIES)}")
     meshes = None
     if args.mesh:
-        from lima_jax import aot
-
         n = aot.get_slice(args.topology).devices
         meshes = [aot._resolved(aot.parse_mesh(args.mesh, n, args.batch_size), n)]
     result = plan.plan(args.model, args.topology, args.batch_size, args.seq_len, remats, meshes=meshes,
@@ -98,9 +96,7 @@ def _plan(args, prog: str) -> int:
                        rows=args.rows)
     print(plan.candidates_table(result))
     if args.json:
-        from lima_jax import aot
-
-        aot.write_json(args.json, {k: v for k, v in result.items()})
+        aot.write_json(args.json, result)
     if result["best"] is None:
         print(f"{prog}: nothing fits {args.model} on {args.topology}; no plan written", file=sys.stderr)
         return 1
