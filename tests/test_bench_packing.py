@@ -25,6 +25,7 @@ def test_bench_packing_small_run(tmp_path):
 
 
 def test_bench_packing_missing_assets_is_bad_input(tmp_path):
-    proc = subprocess.run([sys.executable, TOOL, "--tokenizer", str(tmp_path / "none.model")],
+    # --data_dir given: the check does not depend on ../shared's sample being present
+    proc = subprocess.run([sys.executable, TOOL, "--data_dir", str(tmp_path), "--tokenizer", str(tmp_path / "none.model")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "none.model does not exist" in proc.stderr
