@@ -11,6 +11,7 @@ chip one device (both TensorCores, 95 GiB), a v5e chip one device (one TensorCor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -69,6 +70,12 @@ def get_slice(name: str) -> Slice:
 # bf16 peak FLOP/s per chip, as Google publishes them: what predicted MFU is measured against. (The
 # compiler's own cost model peaks at 137 TFLOP/s per v4 device, half a chip, and 394 per v5p chip.)
 CHIP_PEAK_FLOPS = {"v4": 275e12, "v5p": 459e12, "v5e": 197e12}
+# Compiler options of the prediction's compiles, per generation. v4: no CMEM (the chip's 128 MiB
+# common memory) in memory-space assignment. libtpu 0.0.52's cost model has no cost for traffic to
+# and from CMEM: each op that touches it is costed -1 s, so LIMA's steps, whose 2048-token attention
+# buffers land there, came out at negative totals. Without CMEM the program is one v4 runs as well,
+# from HBM alone, and the cost model prices all of it.
+PREDICT_COMPILER_OPTIONS = {"v4": {"xla_tpu_cmem_memory_space_assignment": False}}
 # Depths at which the layer stack is compiled unrolled to predict the whole step (the compiler's cost
 # analysis counts a scanned loop's body once): time is linear in the layers, so two depths fix it.
 PREDICT_DEPTHS = (2, 3)
@@ -91,6 +98,62 @@ def optimal_seconds(compiled) -> float:
     if "optimal_seconds" not in cost:
         raise RuntimeError("the compiler reports no optimal_seconds: only TPU compiles predict time")
     return float(cost["optimal_seconds"])
+
+
+_FUNC = re.compile(r"func\.func (?:public|private) @([\w.$-]+)\(")
+_CALL = re.compile(r"\bcall @([\w.$-]+)\(")
+
+
+def mosaic_calls(lowered_text: str) -> list[str]:
+    """Each Mosaic kernel call the program makes, as its custom_call line in the lowered module, once
+    per execution: a function JAX lowered once and calls from several places (each layer's attention,
+    each microbatch) counts once per call site, from `main` down."""
+    bodies: dict[str, list[str]] = {}
+    name = None
+    for line in lowered_text.splitlines():
+        m = _FUNC.search(line)
+        if m:
+            name = m.group(1)
+            bodies[name] = []
+        elif name is not None:
+            bodies[name].append(line)
+
+    def calls(fn: str, seen: tuple = ()) -> list[str]:
+        out = []
+        for line in bodies.get(fn, []):
+            if "tpu_custom_call" in line:
+                out.append(line)
+            for callee in _CALL.findall(line):
+                if callee in bodies and callee not in seen:
+                    out += calls(callee, seen + (fn,))
+        return out
+
+    return calls("main")
+
+
+def kernel_flops(lowered_text: str) -> float:
+    """Flops per device of the program's Mosaic kernels (the splash attention's), which the TPU cost
+    model does not count."""
+    from lima_jax.splash_attention import kernel_flops as one_call
+
+    return sum(one_call(line) for line in mosaic_calls(lowered_text))
+
+
+@functools.lru_cache(maxsize=None)
+def _cost_model_peak(device_kind: str, device) -> float:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    n = 8192
+    a = jax.ShapeDtypeStruct((n, n), jnp.bfloat16, sharding=NamedSharding(Mesh([device], ("x",)), PartitionSpec()))
+    return 2.0 * n ** 3 / optimal_seconds(jax.jit(jnp.matmul).lower(a, a).compile())
+
+
+def cost_model_peak(device) -> float:
+    """The cost model's bf16 matmul rate on one device (flops/s): a large matmul's flops over its
+    predicted time (137e12 on a v4 device, 394e12 on v5p)."""
+    return _cost_model_peak(device.device_kind, device)
 
 
 def extend_linearly(at: dict, depth: int) -> float:
@@ -118,26 +181,36 @@ def measure_step(compiled, abstract_args, repeats: int = 3) -> dict:
             "prediction_method": f"measured on this machine's CPU devices (best of {repeats} runs)"}
 
 
-def predict_by_depth(lower_at, num_layers: int) -> dict:
+def predict_by_depth(lower_at, num_layers: int, peak_per_device: float,
+                     compiler_options: Optional[dict] = None) -> dict:
     """Predicted seconds and bytes accessed per device of a program with `num_layers` layers, from
-    compiles of `lower_at(depth)` (the program with its layer loop unrolled, `depth` layers): at every
-    layer when the model has at most max(PREDICT_DEPTHS) layers, else at PREDICT_DEPTHS, extended."""
+    compiles of `lower_at(depth)` (the program with its layer loop unrolled, `depth` layers) with
+    `compiler_options`: at every layer when the model has at most max(PREDICT_DEPTHS) layers, else at
+    PREDICT_DEPTHS, extended. The cost model's time plus the Mosaic kernels' flops at
+    `peak_per_device` (the cost model's own matmul rate, `cost_model_peak`): it sees only their bytes."""
     depths = (num_layers,) if num_layers <= max(PREDICT_DEPTHS) else PREDICT_DEPTHS
-    seconds, moved = {}, {}
+    seconds, moved, kernels, cost_model = {}, {}, {}, {}
     for d in depths:
-        compiled = lower_at(d).compile()
-        seconds[d] = optimal_seconds(compiled)
+        lowered = lower_at(d)
+        compiled = lowered.compile(compiler_options=compiler_options or None)
+        kernels[d] = kernel_flops(lowered.as_text())
+        cost_model[d] = optimal_seconds(compiled)
+        seconds[d] = cost_model[d] + kernels[d] / peak_per_device
         moved[d] = float(program_cost(compiled).get("bytes accessed", 0.0))
     method = (f"unrolled at all {num_layers} layers" if len(depths) == 1 else
               f"unrolled at {depths[0]} and {depths[1]} layers, extended linearly to {num_layers}")
+    if any(kernels.values()):
+        method += "; Mosaic kernels' flops added at the cost model's matmul rate"
     if min(seconds.values()) <= 0:
-        # Seen with libtpu 0.0.52 on v4 for steps of >= 2048 tokens per row: the total comes out near a
-        # negative integer, as if some ops cost -1 s ("unknown"). No prediction rather than a wrong one.
+        # Seen with libtpu 0.0.52 on v4 with CMEM (see PREDICT_COMPILER_OPTIONS): the total comes out
+        # near a negative integer, some ops costed -1 s ("unknown"). No prediction rather than a wrong one.
         return {"predicted_step_s": None, "prediction_method": method,
                 "predicted_s_at_depths": {str(d): t for d, t in seconds.items()},
                 "prediction_note": "the compiler's cost model gave a non-positive time: no prediction"}
     return {"predicted_step_s": extend_linearly(seconds, num_layers),
             "predicted_bytes_per_device": extend_linearly(moved, num_layers),
+            "kernel_flops_per_device": extend_linearly(kernels, num_layers),
+            "cost_model_step_s": extend_linearly(cost_model, num_layers),
             "prediction_method": method, "predicted_s_at_depths": {str(d): t for d, t in seconds.items()}}
 
 
@@ -342,9 +415,10 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
         # counts a loop body once, not per iteration: with scanned layers it undercounts by ~layers.
         flops_per_step=None if flops is None else flops * len(devices),
         flops_note="compiler cost_analysis × devices; a scanned loop body counts once",
-        # Pallas (Mosaic) kernels in the compiled program: the splash attention's, forward and backward.
-        # (Counted in the lowered module: the compiled one's text fails to print for some v5p programs.)
-        mosaic_kernels=lowered.as_text().count("tpu_custom_call"),
+        # Pallas (Mosaic) kernel calls per run of the program (a scanned loop's body once): the splash
+        # attention's, forward and backward. (Counted in the lowered module: the compiled one's text
+        # fails to print for some v5p programs.)
+        mosaic_kernels=len(mosaic_calls(lowered.as_text())),
         compile_s=round(time.perf_counter() - t0, 1),
     )
     if not report["fits"]:
@@ -365,7 +439,8 @@ def compile_step(model: str, slice_name: str, mesh_text: Optional[str] = None, b
             report.update(measure_step(compiled, abstract_args))
         else:
             report.update(predict_by_depth(lambda d: lower_at(config.replace(num_layers=d, scan_layers=False)),
-                                           config.num_layers))
+                                           config.num_layers, cost_model_peak(devices[0]),
+                                           PREDICT_COMPILER_OPTIONS.get(s.name.split("-")[0])))
         step_s, peak = report["predicted_step_s"], chip_peak_flops(s)
         report["predicted_mfu"] = report["model_flops_per_step"] / (step_s * s.chips * peak) if peak and step_s else None
         tokens = rows * seq_len if step == "train" else batch_size  # computed tokens (train) / new tokens (decode)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -121,3 +122,29 @@ def splash_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_id
     # exactly as q does (out_specs), which the gradient's transpose relies on.
     return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(rows, None)),
                          out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+
+
+# Matrix products per computed (query block, key block) pair in each of the kernel's programs: the
+# forward QKᵀ and PV; dq recomputes QKᵀ, then dO·Vᵀ and dS·K; dkv recomputes QKᵀ, then dO·Vᵀ, Pᵀ·dO
+# and dSᵀ·Q.
+KERNEL_PRODUCTS = {"fwd": 2, "dq": 3, "dkv": 4}
+_KERNEL_NAME = re.compile(r'kernel_name = "splash_mha_(fwd|dq|dkv)_')
+_TENSOR = re.compile(r"tensor<((?:\d+x)+)(?:bf16|f32|f16)>")
+
+
+def kernel_flops(custom_call: str) -> float:
+    """The flops of one splash kernel call, from its line in a lowered (StableHLO) module; 0 for any
+    other custom call. The TPU compiler's cost model cannot see into Mosaic kernels (it counts their
+    bytes, not their products), so lima-aot adds these. Operands: q [rows, heads, T, D] is the first
+    float tensor of 3 or more dimensions, k [rows, kv_heads, S, D] the second (`rows` absent when a
+    device holds one row); our causal mask computes the blocks on and below the diagonal: (n + 1) / 2n
+    of them for n blocks a side."""
+    kind = _KERNEL_NAME.search(custom_call)
+    if not kind:
+        return 0.0
+    operands = custom_call.rsplit(" : (", 1)[1].split(") -> ", 1)[0]
+    shapes = [tuple(int(x) for x in m.group(1).rstrip("x").split("x")) for m in _TENSOR.finditer(operands)]
+    q, k = [s for s in shapes if len(s) >= 3][:2]
+    t, s_len, d = q[-2], k[-2], q[-1]
+    n = s_len // block_size(s_len)
+    return KERNEL_PRODUCTS[kind.group(1)] * 2.0 * math.prod(q[:-2]) * t * s_len * d * (n + 1) / (2 * n)

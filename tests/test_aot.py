@@ -199,6 +199,57 @@ def test_predicted_time_of_one_matmul_is_its_flops_over_the_cost_models_peak(sli
     assert aot.optimal_seconds(compiled) == pytest.approx(2 * 8192 ** 3 / cost_model_peak, rel=0.05)
 
 
+def _splash_program(slice_name, layers, heads=4, length=1024, head_dim=128, rows=2):
+    """The lowered gradient of `layers` splash attentions in a row on one device of the slice."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from lima_jax import sharding as sharding_lib, splash_attention
+
+    device = aot.topology_devices(aot.get_slice(slice_name))[0]
+    mesh = Mesh([device], ("x",))
+    sharding = NamedSharding(mesh, PartitionSpec())
+    x = jax.ShapeDtypeStruct((rows, length, heads, head_dim), jnp.bfloat16, sharding=sharding)
+    ids = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding)
+
+    def loss(q, k, v, ids):
+        for _ in range(layers):
+            q = splash_attention.splash_causal_attention(q, k, v, ids)
+        return q.astype(jnp.float32).sum()
+
+    with sharding_lib.use_rules(mesh, ()):  # the TPU mesh: the real kernel, not the interpreter
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, ids), device
+
+
+@needs_libtpu
+def test_mosaic_kernel_flops_are_counted_per_call():
+    """The cost model does not see the products inside the splash kernels: lima-aot counts them
+    from the lowered module, once per call even where JAX lowered the kernel's function once."""
+    lowered, device = _splash_program("v5p-8", layers=3)
+    rows, heads, t, d = 2, 4, 1024, 128
+    blocks = 2  # 1024 keys in blocks of 512: 3 of the 4 block pairs are on or below the diagonal
+    one_layer = 2 * rows * heads * t * t * d * (blocks + 1) / (2 * blocks) * (2 + 3 + 4)  # fwd, dq, dkv
+    text = lowered.as_text()
+    assert text.count("tpu_custom_call") < 9  # JAX shares the kernels' lowered functions between calls
+    assert len(aot.mosaic_calls(text)) == 9
+    assert aot.kernel_flops(text) == pytest.approx(3 * one_layer)
+    # the compiler's own count misses them: its flops are a fraction of the kernels'
+    assert aot.program_cost(lowered.compile())["flops"] < 0.05 * aot.kernel_flops(text)
+    assert aot.cost_model_peak(device) == pytest.approx(394e12, rel=0.05)
+
+
+@needs_libtpu
+def test_v4_prediction_compiles_without_cmem():
+    """libtpu 0.0.52's v4 cost model costs each op that touches CMEM at -1 s: splash attention's
+    gradient at 2048 tokens comes out negative with CMEM, positive without it, and so does a v4 step."""
+    lowered, _ = _splash_program("v4-8", layers=1, heads=32, length=2048, rows=1)
+    assert aot.optimal_seconds(lowered.compile()) < 0
+    assert aot.optimal_seconds(lowered.compile(compiler_options=aot.PREDICT_COMPILER_OPTIONS["v4"])) > 0
+    report = aot.compile_step("tiny", "v4-8", batch_size=16, seq_len=2048, rows=16)
+    assert report["fits"] and report["predicted_step_s"] > 0 and report["predicted_mfu"] > 0
+
+
 def test_extend_linearly():
     assert aot.extend_linearly({2: 1.0, 3: 1.5}, 32) == pytest.approx(16.0)
     assert aot.extend_linearly({2: 1.0}, 2) == 1.0
@@ -220,9 +271,11 @@ def test_prediction_extended_from_two_depths_equals_the_unrolled_whole():
                                          fsdp_axes, total_steps=1, rows=8)
         return ts.fn.lower(ts.abstract_state, ts.abstract_batch)
 
-    predicted = aot.predict_by_depth(lower_at, 4)
-    assert predicted["prediction_method"] == "unrolled at 2 and 3 layers, extended linearly to 4"
-    whole = aot.optimal_seconds(lower_at(4).compile())
+    peak = aot.cost_model_peak(devices[0])
+    predicted = aot.predict_by_depth(lower_at, 4, peak)
+    assert predicted["prediction_method"].startswith("unrolled at 2 and 3 layers, extended linearly to 4")
+    lowered = lower_at(4)
+    whole = aot.optimal_seconds(lowered.compile()) + aot.kernel_flops(lowered.as_text()) / peak
     assert predicted["predicted_step_s"] == pytest.approx(whole, rel=0.02)
     assert set(predicted["predicted_s_at_depths"]) == {"2", "3"}
 
@@ -235,8 +288,12 @@ def test_report_predicts_mfu_and_tokens_per_chip(monkeypatch):
     assert report["predicted_mfu"] == pytest.approx(report["model_flops_per_step"] / (report["predicted_step_s"] * chips * peak))
     assert report["predicted_tokens_per_s_per_chip"] == pytest.approx(8 * 64 / report["predicted_step_s"] / chips)
     assert "MFU" in aot.describe(report)
-    # TPU's default attention is the splash kernel: Mosaic calls for its forward, dq and dkv
+    # TPU's default attention is the splash kernel: Mosaic calls for its forward, dq and dkv, whose
+    # products the prediction adds to the cost model's time at the cost model's matmul rate
     assert report["attention_kernel"] == "splash" and report["mosaic_kernels"] >= 3
+    assert report["kernel_flops_per_device"] > 0
+    assert report["predicted_step_s"] == pytest.approx(
+        report["cost_model_step_s"] + report["kernel_flops_per_device"] / aot.CHIP_PEAK_FLOPS["v4"] * 2, rel=0.05)
 
 
 @needs_libtpu
@@ -254,16 +311,19 @@ def test_a_non_positive_cost_model_time_is_no_prediction():
         def __init__(self, seconds):
             self.seconds = seconds
 
-        def compile(self):
+        def compile(self, compiler_options=None):
             return self
+
+        def as_text(self):
+            return ""
 
         def cost_analysis(self):
             return {"optimal_seconds": self.seconds, "bytes accessed": 1.0}
 
     times = {2: -35.9, 3: -56.9}
-    result = aot.predict_by_depth(lambda d: Fake(times[d]), 80)
+    result = aot.predict_by_depth(lambda d: Fake(times[d]), 80, 1e12)
     assert result["predicted_step_s"] is None and "non-positive" in result["prediction_note"]
-    good = aot.predict_by_depth(lambda d: Fake({2: 1.0, 3: 1.5}[d]), 80)
+    good = aot.predict_by_depth(lambda d: Fake({2: 1.0, 3: 1.5}[d]), 80, 1e12)
     assert good["predicted_step_s"] == pytest.approx(40.0) and "prediction_note" not in good
 
 
