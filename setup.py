@@ -38,6 +38,8 @@ setup(
             "transformers==5.24.0",
         ],
         "tpu": ["libtpu==0.0.52"],
+        # NVIDIA GPUs: JAX's CUDA 12 plugin at jax's own version, with CUDA and cuDNN as wheels (~3 GB).
+        "cuda": ["jax-cuda12-plugin[with-cuda]==0.10.2", "jax-cuda12-pjrt==0.10.2"],
     },
     entry_points={
         "console_scripts": [

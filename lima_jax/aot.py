@@ -105,7 +105,7 @@ _CALL = re.compile(r"\bcall @([\w.$-]+)\(")
 
 
 def mosaic_calls(lowered_text: str) -> list[str]:
-    """Each Mosaic kernel call the program makes, as its custom_call line in the lowered module, once
+    """Each Mosaic kernel call the program makes, as its line in the lowered module, once
     per execution: a function JAX lowered once and calls from several places (each layer's attention,
     each microbatch) counts once per call site, from `main` down."""
     bodies: dict[str, list[str]] = {}
@@ -261,7 +261,7 @@ def parse_mesh(text: Optional[str], n_devices: int, batch_size: int) -> dict:
 
 def _resolved(sizes: dict, n_devices: int) -> dict:
     """Mesh sizes with the one -1 (the rest) filled in, checked against the slice's devices."""
-    from lima_jax.mesh import AXES, mesh_sizes
+    from lima_jax.device_mesh import AXES, mesh_sizes
 
     try:
         return dict(zip(AXES, mesh_sizes(sizes["data"], sizes["fsdp"], sizes["tensor"], n_devices)))

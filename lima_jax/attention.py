@@ -112,6 +112,20 @@ def _backward(block, residuals, d_out):
 _causal_attention.defvjp(_forward, _backward)
 
 
+def check_shapes(kernel: str, q, k, v, segment_ids) -> None:
+    """The shapes every attention kernel takes: q [B,T,H,D], k/v [B,T,KVH,D] with H a multiple of KVH,
+    segment_ids [B,T]; a ValueError naming `kernel` otherwise."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    if k.shape != (b, t, kvh, d) or v.shape != k.shape:
+        raise ValueError(f"{kernel} attention needs keys and values of shape {(b, t, kvh, d)}, got {k.shape} and "
+                         f"{v.shape}")
+    if h % kvh:
+        raise ValueError(f"{kernel} attention needs query heads ({h}) that are a multiple of kv heads ({kvh})")
+    if segment_ids.shape != (b, t):
+        raise ValueError(f"{kernel} attention needs segment ids of shape {(b, t)}, got {segment_ids.shape}")
+
+
 def causal_attention(q: jax.Array, keys: jax.Array, values: jax.Array, segment_ids: jax.Array, *,
                      block: int = 128) -> jax.Array:
     """softmax(q·kᵀ/√d + mask)·v for q [B,T,H,D], keys/values [B,T,KVH,D] (H a multiple of KVH), where

@@ -22,9 +22,10 @@ REMAT_SAVED_NAMES = {
 # memory instead of HBM (TPU). model.remat_policy maps each name to jax.checkpoint's policy.
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", *REMAT_SAVED_NAMES,
                   *(f"offload_{k}" for k in REMAT_SAVED_NAMES))
-# Attention without a KV cache: XLA's blocked attention (attention.py) or the Pallas splash kernel
-# (splash_attention.py). None in a config: by platform, see default_attention_kernel.
-ATTENTION_KERNELS = ("xla", "splash")
+# Attention without a KV cache: XLA's blocked attention (attention.py), the Pallas splash kernel
+# (splash_attention.py, TPU) or cuDNN's flash attention (gpu_attention.py, NVIDIA GPUs). None in a
+# config: by platform, see default_attention_kernel.
+ATTENTION_KERNELS = ("xla", "splash", "cudnn")
 CONFIG_FILE = "lima_config.json"  # a LlamaConfig as JSON, in converted checkpoints and training model_dirs
 
 
@@ -194,8 +195,9 @@ class LlamaConfig:
 
 
 def default_attention_kernel(platform: str) -> str:
-    """The kernel for attention_kernel=None: Pallas splash on TPU (Mosaic runs only there), XLA elsewhere."""
-    return "splash" if platform == "tpu" else "xla"
+    """The kernel for attention_kernel=None: Pallas splash on TPU (Mosaic runs only there), cuDNN on
+    NVIDIA GPUs (JAX names their platform "gpu", their lowering platform "cuda"), XLA elsewhere."""
+    return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
 
 
 def _first_id(value: Any, default: int) -> int:

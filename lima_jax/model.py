@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from lima_jax import splash_attention
+from lima_jax import gpu_attention, sharding, splash_attention
 from lima_jax.attention import causal_attention
 from lima_jax.config import REMAT_SAVED_NAMES, LlamaConfig, default_attention_kernel
 from lima_jax.sharding import constrain, gather_layer_params
@@ -159,8 +159,8 @@ class Attention(nnx.Module):
         self.attention_kernel = config.attention_kernel
 
     def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
-        """x [B,T,E]; without a cache, mask is the segment ids [B,T] (causal_attention, or the splash
-        kernel when config.attention_kernel resolves to "splash"); with one, a
+        """x [B,T,E]; without a cache, mask is the segment ids [B,T] (causal_attention, or the kernel
+        config.attention_kernel resolves to: splash on TPU, cuDNN on GPU); with one, a
         [B,T,S] bool (True = may attend). With a cache, the new keys/values are
         written at slot cache_index and attention runs over all S slots: kv_cache=(k, v, None) with
         this layer's buffers [B,KVH,S,D], or (k, v, layer) with the all-layer buffers [L,B,S,KVH,D].
@@ -173,9 +173,14 @@ class Attention(nnx.Module):
         k = checkpoint_name(constrain(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim")), "key_proj")
         v = checkpoint_name(constrain(v, ("batch", "length", "kv_heads", "head_dim")), "value_proj")
         if kv_cache is None:
-            kernel = self.attention_kernel or default_attention_kernel(splash_attention.platform())
+            platform = sharding.platform()
+            kernel = self.attention_kernel or default_attention_kernel(platform)
             if kernel == "splash":
                 out = splash_attention.splash_causal_attention(q, k, v, mask)
+            elif kernel == "cudnn":  # jax's own implementation of the same call off GPU (tests on the CPU)
+                out = gpu_attention.cudnn_causal_attention(
+                    q, k, v, mask, implementation="cudnn" if platform in ("gpu", "cuda") else "xla",
+                    block=self.attention_block)
             else:
                 out = causal_attention(q, k, v, mask, block=self.attention_block)
         else:

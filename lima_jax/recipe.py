@@ -1,30 +1,14 @@
-"""The training recipe as gin sets it (gin/runs/lima_sft.gin: LIMA §3), the model config trained, and
-the optimizer with its schedule."""
+"""The gin layer of training: the recipe as gin sets it (gin/runs/lima_sft.gin: LIMA §3) and the model
+config trained. The Recipe's type, the schedule and the optimizer live gin-free in optimizer.py."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import gin
 import jax
-import optax
 
 from lima_jax.config import LlamaConfig, default_attention_kernel, preset as config_preset
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    num_epochs: int
-    batch_size: int  # global, in sequences
-    max_len: int
-    learning_rate: float
-    final_learning_rate: float
-    warmup_steps: int
-    b1: float
-    b2: float
-    weight_decay: float
-    grad_accum_steps: int
-    seed: int
+from lima_jax.optimizer import Recipe
 
 
 @gin.configurable
@@ -54,8 +38,8 @@ def model_config(preset: Optional[str] = None, dtype: str = "bfloat16", param_dt
     parameters.
 
     attention_kernel=None picks by `platform` too (config.default_attention_kernel): the Pallas splash
-    kernel on TPU, XLA's attention elsewhere. Like the other training fields it replaces `base`'s, so a
-    checkpoint trained on TPU ("splash") trains on with "xla" on a CPU or GPU."""
+    kernel on TPU, cuDNN's on GPU, XLA's attention elsewhere. Like the other training fields it
+    replaces `base`'s, so a checkpoint trained on TPU ("splash") trains on with "cudnn" on a GPU."""
     if base is None:
         if preset is None:
             raise ValueError("model_config.preset is not set: add a gin/models/*.gin file or set INIT_CHECKPOINT")
@@ -67,21 +51,3 @@ def model_config(preset: Optional[str] = None, dtype: str = "bfloat16", param_dt
                         scan_layers=scan_layers, residual_dropout=residual_dropout,
                         attention_kernel=attention_kernel or default_attention_kernel(platform))
 
-
-def learning_rate_schedule(r: Recipe, total_steps: int) -> optax.Schedule:
-    """LIMA: linear from learning_rate at step 0 to final_learning_rate at the last step (total - 1)."""
-    decay_steps = max(total_steps - 1 - r.warmup_steps, 0)
-    decay = optax.linear_schedule(r.learning_rate, r.final_learning_rate, decay_steps)
-    if not r.warmup_steps:
-        return decay
-    warmup = optax.linear_schedule(0.0, r.learning_rate, r.warmup_steps)
-    return optax.join_schedules([warmup, decay], [r.warmup_steps])
-
-
-def make_optimizer(r: Recipe, total_steps: int) -> optax.GradientTransformation:
-    """AdamW; RMSNorm scales are not decayed (they are gains, not weights)."""
-    def decay_mask(params):
-        return jax.tree_util.tree_map_with_path(lambda path, _: not any("norm" in str(p) for p in path), params)
-
-    return optax.adamw(learning_rate_schedule(r, total_steps), b1=r.b1, b2=r.b2, weight_decay=r.weight_decay,
-                       mask=decay_mask)

@@ -12,6 +12,7 @@ import contextlib
 from typing import Iterator, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = Sequence[tuple[str, object]]
@@ -110,6 +111,40 @@ def gather_layer_params(layer_state):
         return var.replace(full)
 
     return jax.tree.map(one, layer_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+
+def platform() -> str:
+    """The platform the traced program runs on: the active mesh's devices (lima-aot compiles for TPU
+    devices from a CPU host), else JAX's default backend."""
+    if _active and isinstance(_active[-1][0], Mesh):  # an AbstractMesh has no devices
+        return _active[-1][0].devices.flat[0].platform
+    return jax.default_backend()
+
+
+def per_device_attention(local, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """local(q, k, v, segment_ids) → [B,T,H,D] on each device's rows (the `batch` rule) and heads
+    (`heads`/`kv_heads`), the sequence whole, under shard_map: for attention kernels that XLA cannot
+    partition, or partitions only when q, k and v split alike (cuDNN's). q [B,T,H,D], k/v [B,T,KVH,D],
+    segment_ids [B,T]. Without an active mesh of several devices: local on the whole arrays."""
+    if not _active or _active[-1][0].size <= 1:
+        return local(q, k, v, segment_ids)
+    mesh, rules, _ = _active[-1]
+    h, kvh = q.shape[2], k.shape[2]
+    q_spec = logical_to_spec(("batch", "length", "heads", "head_dim"), rules, mesh, q.shape)
+    kv_spec = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), rules, mesh, k.shape)
+    rows, heads, kv_heads = q_spec[0], q_spec[2], kv_spec[2]
+    if kv_heads != heads and kvh > 1:
+        # The kv heads do not split as the query heads do (too few of them for the tensor axis): each
+        # query head gets its own copy, so a device's query heads find their kv heads on that device.
+        # (One kv head, MQA, is every query head's: each device keeps it whole.)
+        k, v = jnp.repeat(k, h // kvh, axis=2), jnp.repeat(v, h // kvh, axis=2)
+        kv_heads = heads
+    q_spec, kv_spec = PartitionSpec(rows, None, heads, None), PartitionSpec(rows, None, kv_heads, None)
+    # check_vma=False: kernels are not typed for varying manual axes; the output varies over the mesh
+    # exactly as q does (out_specs), which the gradient's transpose relies on.
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(rows, None)),
+                         out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
 
 
 # The default layout: FSDP over ("data", "fsdp") for parameters' embed axis, tensor parallelism over

@@ -28,20 +28,12 @@ import re
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
-from jax.sharding import Mesh, PartitionSpec
 
 from lima_jax import sharding
+from lima_jax.attention import check_shapes
 
 LANES = 128  # the kernel's key blocks must be multiples of the TPU's 128 lanes
 BLOCK_SIZES = (512, 256, 128)  # the largest that divides the (padded) length is used
-
-
-def platform() -> str:
-    """The platform the traced program runs on: the active mesh's devices (lima-aot compiles for TPU
-    devices from a CPU host), else JAX's default backend."""
-    if sharding._active and isinstance(sharding._active[-1][0], Mesh):  # an AbstractMesh has no devices
-        return sharding._active[-1][0].devices.flat[0].platform
-    return jax.default_backend()
 
 
 def block_size(length: int) -> int:
@@ -91,37 +83,10 @@ def splash_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_id
     multiple of KVH), segment_ids [B,T] int (0 = padding) → [B,T,H,D]. Query i sees key j when j <= i
     and both share a segment id; padding queries' outputs are not meaningful. interpret: Pallas'
     interpreter, also chosen whenever the platform is not TPU."""
-    b, t, h, d = q.shape
-    kvh = k.shape[2]
-    if k.shape != (b, t, kvh, d) or v.shape != k.shape:
-        raise ValueError(f"splash attention needs keys and values of shape {(b, t, kvh, d)}, got {k.shape} and "
-                         f"{v.shape}")
-    if h % kvh:
-        raise ValueError(f"splash attention needs query heads ({h}) that are a multiple of kv heads ({kvh})")
-    if segment_ids.shape != (b, t):
-        raise ValueError(f"splash attention needs segment ids of shape {(b, t)}, got {segment_ids.shape}")
-    interpret = bool(interpret) or platform() != "tpu"
-    segment_ids = segment_ids.astype(jnp.int32)
+    check_shapes("splash", q, k, v, segment_ids)
+    interpret = bool(interpret) or sharding.platform() != "tpu"
     local = functools.partial(_local, interpret=interpret)
-    if not sharding._active or sharding._active[-1][0].size <= 1:
-        return local(q, k, v, segment_ids)
-
-    mesh, rules, _ = sharding._active[-1]
-    q_spec = sharding.logical_to_spec(("batch", "length", "heads", "head_dim"), rules, mesh, q.shape)
-    kv_spec = sharding.logical_to_spec(("batch", "length", "kv_heads", "head_dim"), rules, mesh, k.shape)
-    rows, heads, kv_heads = q_spec[0], q_spec[2], kv_spec[2]
-    if kv_heads != heads and kvh > 1:
-        # The kv heads do not split as the query heads do (too few of them for the tensor axis): each
-        # query head gets its own copy, so a device's query heads find their kv heads on that device.
-        # (One kv head, MQA, is every query head's: each device keeps it whole.)
-        k, v = jnp.repeat(k, h // kvh, axis=2), jnp.repeat(v, h // kvh, axis=2)
-        kv_heads = heads
-    # The sequence whole: each query sees all its keys.
-    q_spec, kv_spec = PartitionSpec(rows, None, heads, None), PartitionSpec(rows, None, kv_heads, None)
-    # check_vma=False: the kernel is not typed for varying manual axes; its output varies over the mesh
-    # exactly as q does (out_specs), which the gradient's transpose relies on.
-    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(rows, None)),
-                         out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+    return sharding.per_device_attention(local, q, k, v, segment_ids.astype(jnp.int32))
 
 
 # Matrix products per computed (query block, key block) pair in each of the kernel's programs: the
@@ -132,17 +97,17 @@ _KERNEL_NAME = re.compile(r'kernel_name = "splash_mha_(fwd|dq|dkv)_')
 _TENSOR = re.compile(r"tensor<((?:\d+x)+)(?:bf16|f32|f16)>")
 
 
-def kernel_flops(custom_call: str) -> float:
+def kernel_flops(call_line: str) -> float:
     """The flops of one splash kernel call, from its line in a lowered (StableHLO) module; 0 for any
     other custom call. The TPU compiler's cost model cannot see into Mosaic kernels (it counts their
     bytes, not their products), so lima-aot adds these. Operands: q [rows, heads, T, D] is the first
     float tensor of 3 or more dimensions, k [rows, kv_heads, S, D] the second (`rows` absent when a
     device holds one row); our causal mask computes the blocks on and below the diagonal: (n + 1) / 2n
     of them for n blocks a side."""
-    kind = _KERNEL_NAME.search(custom_call)
+    kind = _KERNEL_NAME.search(call_line)
     if not kind:
         return 0.0
-    operands = custom_call.rsplit(" : (", 1)[1].split(") -> ", 1)[0]
+    operands = call_line.rsplit(" : (", 1)[1].split(") -> ", 1)[0]
     shapes = [tuple(int(x) for x in m.group(1).rstrip("x").split("x")) for m in _TENSOR.finditer(operands)]
     q, k = [s for s in shapes if len(s) >= 3][:2]
     t, s_len, d = q[-2], k[-2], q[-1]

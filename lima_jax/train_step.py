@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lima_jax import checkpoint, sharding
 from lima_jax.config import LlamaConfig
 from lima_jax.model import Llama, abstract_params
-from lima_jax.recipe import Recipe, learning_rate_schedule, make_optimizer
+from lima_jax.optimizer import Recipe, learning_rate_schedule, make_optimizer
 
 
 class TrainState(NamedTuple):

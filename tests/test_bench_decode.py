@@ -35,3 +35,11 @@ def test_tool_reports_the_ratio_and_occupancy(capsys):
     assert 0.8 < lima["occupancy"] <= 1.0 and lima["ratio"] > 0
     assert f"ratio {lima['ratio']:.2f}x" in out and f"occupancy {lima['occupancy']:.1%}" in out
     assert "batch 2: ours" in out and results["batch 2"]["ours_tps"] > 0
+
+
+@needs_lima_sample
+@needs_llama_tokenizer
+def test_recorded_answer_lengths_are_the_samples():
+    """The lengths tools/gpu_check.py uses where the sample or sentencepiece is absent."""
+    assert list(bench_decode.LIMA_ANSWER_LENGTHS) == bench_decode.answer_lengths(32)
+    assert bench_decode.budgets_from_lengths(bench_decode.LIMA_ANSWER_LENGTHS) == bench_decode.lima_budgets(32)

@@ -120,12 +120,20 @@ def test_readme_is_short_and_for_users():
         assert note not in text.lower(), f"README mentions {note!r}: an implementation note, not for users"
 
 
-def test_readme_install_line_matches_the_makefile():
+def test_readme_install_lines_match_the_makefile_and_setup():
+    """The install by hand is the Makefile's; any other install line (a GPU's extra) names extras that
+    setup.py has."""
     makefile = open(os.path.join(ROOT, "Makefile"), encoding="utf-8").read()
     [spec] = re.findall(r"pip install .*?(-e '[^']+')", makefile)
     installs = re.findall(r"pip install[^`\n]*", _readme())
     assert installs, "README shows no install line"
-    assert all(spec in line for line in installs), (spec, installs)
+    assert spec in installs[0], (spec, installs)
+    setup = open(os.path.join(ROOT, "setup.py"), encoding="utf-8").read()
+    extras = set(re.findall(r'^ {8}"(\w+)": \[', setup, re.MULTILINE))
+    assert {"test", "tpu", "cuda"} <= extras, extras
+    for line in installs:
+        [named] = re.findall(r"-e '\.\[([\w,]+)\]'", line)
+        assert set(named.split(",")) <= extras, (line, extras)
 
 
 # A path of ours: one of the repo's top-level folders, then more path; globs allowed.

@@ -22,6 +22,7 @@ from lima_jax.attention import causal_attention
 from lima_jax.config import LlamaConfig, preset
 from lima_jax.model import Llama
 from lima_jax.splash_attention import block_size, splash_causal_attention
+from tests.attention_cases import inputs, segments, value_and_grads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,44 +30,11 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu (the 'tpu' extra) is not installed: no TPU compiler to lower Mosaic")
 
 
-def _segments(kind: str, batch: int, length: int) -> np.ndarray:
-    ids = np.ones((batch, length), np.int32)
-    if kind == "packed":  # several examples per row, then padding
-        ids[0] = np.repeat([1, 2, 3, 0], [40, 25, 50, length - 115])
-        ids[1] = np.repeat([1, 2, 3, 4, 5], [7, 33, 1, 60, length - 101])
-    elif kind == "left_pad":
-        ids[0, :30] = 0
-        ids[1, :1] = 0
-    elif kind == "right_pad":
-        ids[0, -45:] = 0
-        ids[1, -1:] = 0
-    return ids
-
-
-def _inputs(heads, kv_heads, segments, head_dim=16):
-    b, t = segments.shape
-    keys = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(keys[0], (b, t, heads, head_dim))
-    k = jax.random.normal(keys[1], (b, t, kv_heads, head_dim))
-    v = jax.random.normal(keys[2], (b, t, kv_heads, head_dim))
-    # Only real queries count: padding's outputs are not meaningful (and differ between the kernels).
-    weights = jax.random.normal(keys[3], q.shape) * (segments > 0)[:, :, None, None]
-    return q, k, v, jnp.asarray(segments), weights
-
-
-def _value_and_grads(attention, q, k, v, segments, weights):
-    def loss(q, k, v):
-        return jnp.sum(attention(q, k, v, segments) * weights)
-
-    out = jax.jit(attention)(q, k, v, segments)
-    return out, jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-
-
-def _assert_matches_xla(heads, kv_heads, segments):
-    q, k, v, ids, weights = _inputs(heads, kv_heads, segments)
-    out, grads = _value_and_grads(splash_causal_attention, q, k, v, ids, weights)
-    ref, ref_grads = _value_and_grads(causal_attention, q, k, v, ids, weights)
-    real = segments > 0
+def _assert_matches_xla(heads, kv_heads, layout):
+    q, k, v, ids, weights = inputs(heads, kv_heads, layout)
+    out, grads = value_and_grads(splash_causal_attention, q, k, v, ids, weights)
+    ref, ref_grads = value_and_grads(causal_attention, q, k, v, ids, weights)
+    real = layout > 0
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-5, rtol=0)
     for name, g, r in zip("qkv", grads, ref_grads):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=0, err_msg=f"d{name}")
@@ -82,14 +50,14 @@ def _assert_matches_xla(heads, kv_heads, segments):
     (4, 2, "right_pad"),
 ])
 def test_splash_matches_xla_attention(heads, kv_heads, kind):
-    _assert_matches_xla(heads, kv_heads, _segments(kind, 2, 128))
+    _assert_matches_xla(heads, kv_heads, segments(kind, 2, 128))
 
 
 def test_splash_pads_lengths_to_its_blocks():
     """100 tokens: padded to the kernel's 128-row block with id-0 tokens, which no real query sees."""
-    segments = _segments("packed", 2, 128)[:, :100].copy()
-    segments[0, 90:] = 0
-    _assert_matches_xla(4, 2, segments)
+    layout = segments("packed", 2, 128)[:, :100].copy()
+    layout[0, 90:] = 0
+    _assert_matches_xla(4, 2, layout)
 
 
 def test_block_size():
@@ -108,25 +76,25 @@ def test_splash_rejects_mismatched_shapes():
 
 def test_model_logits_equal_with_either_kernel():
     """The tiny model on a packed batch: same logits at every real token with "splash" as with "xla"."""
-    segments = _segments("packed", 2, 128)
-    positions = np.zeros_like(segments)
+    layout = segments("packed", 2, 128)
+    positions = np.zeros_like(layout)
     for row in range(2):
-        for s in set(segments[row]) - {0}:
-            where = segments[row] == s
+        for s in set(layout[row]) - {0}:
+            where = layout[row] == s
             positions[row, where] = np.arange(where.sum())
-    tokens = jax.random.randint(jax.random.key(1), segments.shape, 0, 512)
+    tokens = jax.random.randint(jax.random.key(1), layout.shape, 0, 512)
     logits = {}
     for kernel in ("xla", "splash"):
         config = preset("tiny", dtype="float32", param_dtype="float32", attention_kernel=kernel)
         model = Llama(config, seed=0)
         forward = nnx.jit(lambda m, t, s, p: m(t, segment_ids=s, positions=p).logits)
-        logits[kernel] = np.asarray(forward(model, tokens, jnp.asarray(segments), jnp.asarray(positions)))
-    real = segments > 0
+        logits[kernel] = np.asarray(forward(model, tokens, jnp.asarray(layout), jnp.asarray(positions)))
+    real = layout > 0
     np.testing.assert_allclose(logits["splash"][real], logits["xla"][real], atol=1e-5, rtol=0)
 
 
 def test_attention_kernel_config():
-    with pytest.raises(ValueError, match=r"attention_kernel='flash'; expected one of \('xla', 'splash'\)"):
+    with pytest.raises(ValueError, match=r"attention_kernel='flash'; expected one of \('xla', 'splash', 'cudnn'\)"):
         preset("tiny", attention_kernel="flash")
     # A lima_config.json written before the field existed still loads: None, by platform.
     old = {k: v for k, v in preset("tiny").to_dict().items() if k != "attention_kernel"}
@@ -136,7 +104,7 @@ def test_attention_kernel_config():
     gin.clear_config()
     assert recipe_lib.model_config(preset="tiny", platform="tpu").attention_kernel == "splash"
     assert recipe_lib.model_config(preset="tiny", platform="cpu").attention_kernel == "xla"
-    assert recipe_lib.model_config(preset="tiny", platform="gpu").attention_kernel == "xla"
+    assert recipe_lib.model_config(preset="tiny", platform="gpu").attention_kernel == "cudnn"
     # The training field replaces the base's: a TPU-trained checkpoint's "splash" does not follow it to a CPU.
     base = preset("tiny", attention_kernel="splash")
     assert recipe_lib.model_config(base=base, platform="cpu").attention_kernel == "xla"
@@ -152,21 +120,21 @@ import jax, jax.numpy as jnp, numpy as np
 from lima_jax import mesh as mesh_lib, sharding
 from lima_jax.attention import causal_attention
 from lima_jax.splash_attention import splash_causal_attention
-from tests.test_splash_attention import _inputs, _segments, _value_and_grads
+from tests.attention_cases import inputs, segments, value_and_grads
 
 rules, _ = mesh_lib.logical_rules()
-segments = _segments("packed", 4, 128)
-segments[2:] = _segments("left_pad", 2, 128)
+layout = segments("packed", 4, 128)
+layout[2:] = segments("left_pad", 2, 128)
 # kv heads split over tensor like the query heads; one kv head (MQA), kept whole; two kv heads for four
 # devices, copied per query head (and the rows, 4 for fsdp=1, replicated).
 for fsdp, tensor, heads, kv_heads in ((2, 2, 4, 2), (2, 2, 4, 1), (1, 4, 8, 2)):
     mesh = mesh_lib.make_mesh(data=1, fsdp=fsdp, tensor=tensor)
-    q, k, v, ids, weights = _inputs(heads, kv_heads, segments)
-    ref, ref_grads = _value_and_grads(causal_attention, q, k, v, ids, weights)
+    q, k, v, ids, weights = inputs(heads, kv_heads, layout)
+    ref, ref_grads = value_and_grads(causal_attention, q, k, v, ids, weights)
     with sharding.use_rules(mesh, rules):
         assert "shard_map" in str(jax.make_jaxpr(splash_causal_attention)(q, k, v, ids))
-        out, grads = _value_and_grads(splash_causal_attention, q, k, v, ids, weights)
-    real = segments > 0
+        out, grads = value_and_grads(splash_causal_attention, q, k, v, ids, weights)
+    real = layout > 0
     np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-5, rtol=0)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=0)

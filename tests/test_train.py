@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from lima_jax import gin_config, mesh as mesh_lib, model_dir as mdir, recipe as recipe_lib, train_step
+from lima_jax import gin_config, mesh as mesh_lib, model_dir as mdir, optimizer, recipe as recipe_lib, train_step
 from lima_jax import train  # noqa: F401  (the loop's gin configurable: gin/runs/lima_sft.gin binds train.*)
 from lima_jax.cli import train as train_cli
 
@@ -110,7 +110,7 @@ def test_lima_sft_recipe_has_the_papers_values():
     assert gin.query_parameter("MIXTURE/macro.value") == "lima_1k"
     # LR: 1e-5 at the first step, 1e-6 at the last, linear in between (LIMA: 1000 examples, batch 32).
     total = r.num_epochs * -(-1000 // r.batch_size)
-    schedule = recipe_lib.learning_rate_schedule(r, total)
+    schedule = optimizer.learning_rate_schedule(r, total)
     assert float(schedule(0)) == pytest.approx(1e-5, rel=1e-6)
     assert float(schedule(total - 1)) == pytest.approx(1e-6, rel=1e-5)
     assert float(schedule(total // 2)) == pytest.approx(1e-5 + (1e-6 - 1e-5) * (total // 2) / (total - 1), rel=1e-5)
@@ -135,10 +135,10 @@ def test_optimizer_is_adamw_with_the_recipe(tmp_path):
     """One step of our optimizer equals optax.adamw's (no decay on norm scales)."""
     import optax
 
-    r = recipe_lib.Recipe(1, 8, 32, 1e-5, 1e-6, 0, 0.9, 0.95, 0.1, 1, 0)
+    r = optimizer.Recipe(1, 8, 32, 1e-5, 1e-6, 0, 0.9, 0.95, 0.1, 1, 0)
     params = {"w": np.ones((2, 2), np.float32), "norm": {"scale": np.ones(2, np.float32)}}
     grads = jax.tree.map(lambda p: 0.5 * p, params)
-    updates, _ = recipe_lib.make_optimizer(r, 10).update(grads, recipe_lib.make_optimizer(r, 10).init(params), params)
+    updates, _ = optimizer.make_optimizer(r, 10).update(grads, optimizer.make_optimizer(r, 10).init(params), params)
     ref, _ = optax.adamw(1e-5, b1=0.9, b2=0.95, weight_decay=0.1).update(
         grads["w"], optax.adamw(1e-5).init(params["w"]), params["w"])
     np.testing.assert_allclose(updates["w"], ref, rtol=1e-6)
@@ -360,7 +360,7 @@ def _step_on(packing, steps=3):
     gin.clear_config()  # no binding of an earlier test (e.g. LIMA's dropout) reaches model_config
     config = recipe_lib.model_config(preset="tiny", dtype="float32", param_dtype="float32", platform="cpu",
                                      residual_dropout=0.0, remat_policy="none", scan_layers=False)
-    r = recipe_lib.Recipe(steps, 8, 32, 1e-3, 1e-3, 0, 0.9, 0.95, 0.1, 1, 0)
+    r = optimizer.Recipe(steps, 8, 32, 1e-3, 1e-3, 0, 0.9, 0.95, 0.1, 1, 0)
     mesh = mesh_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rules, _ = mesh_lib.logical_rules()
     data = ArrayInput("fake", None, None, 8, 32, 0, packing=packing)

@@ -14,7 +14,9 @@ temperature 0.7, repetition penalty 1.2) from 64-token prompts, without stopping
   run; occupancy is the fraction of our slot-steps that decoded a prompt.
 
 Our compile time is measured apart and excluded; each figure is the best of `--repeats` timed runs,
-the two implementations alternating so background load hits both alike.
+the two implementations alternating so background load hits both alike. The workloads
+(`fixed_workload`, `lima_workload`) take any two models on any device: tools/gpu_check.py runs them
+on a GPU.
 """
 from __future__ import annotations
 
@@ -36,10 +38,14 @@ LIMA_SAMPLE = os.path.join(os.path.dirname(ROOT), "shared", "assets", "lima-samp
 LLAMA_TOKENIZER = os.path.join(os.path.dirname(ROOT), "shared", "assets", "llama-tokenizer", "tokenizer.model")
 
 
-def lima_budgets(n: int = 32, sample: str = LIMA_SAMPLE, tokenizer: str = LLAMA_TOKENIZER, divisor: int = 4,
-                 low: int = 8, high: int = 512) -> list[int]:
-    """New-token budgets of n prompts: the first n answers of the LIMA sample, in LLaMA tokens, ÷ divisor,
-    clipped to [low, high]."""
+# The first 32 answers of the LIMA sample in LLaMA tokens, as answer_lengths reads them (tested against it):
+# for machines without the sample, the tokenizer or sentencepiece (tools/gpu_check.py).
+LIMA_ANSWER_LENGTHS = (410, 526, 339, 592, 259, 332, 513, 452, 520, 451, 336, 356, 61, 86, 121, 470, 23, 215, 1958,
+                       1379, 1607, 3082, 2633, 3612, 334, 2639, 9, 5, 50, 97, 33, 137)
+
+
+def answer_lengths(n: int = 32, sample: str = LIMA_SAMPLE, tokenizer: str = LLAMA_TOKENIZER) -> list[int]:
+    """The first n answers of the LIMA sample, in LLaMA tokens."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=tokenizer)
@@ -47,7 +53,19 @@ def lima_budgets(n: int = 32, sample: str = LIMA_SAMPLE, tokenizer: str = LLAMA_
         answers = [json.loads(line)["conversations"][1] for line in f if line.strip()]
     if len(answers) < n:
         raise ValueError(f"{sample}: {len(answers)} answers, {n} needed")
-    return [int(np.clip(len(sp.encode(a)) // divisor, low, high)) for a in answers[:n]]
+    return [len(sp.encode(a)) for a in answers[:n]]
+
+
+def budgets_from_lengths(lengths, divisor: int = 4, low: int = 8, high: int = 512) -> list[int]:
+    """New-token budgets: answer lengths ÷ divisor, clipped to [low, high]."""
+    return [int(np.clip(n // divisor, low, high)) for n in lengths]
+
+
+def lima_budgets(n: int = 32, sample: str = LIMA_SAMPLE, tokenizer: str = LLAMA_TOKENIZER, divisor: int = 4,
+                 low: int = 8, high: int = 512) -> list[int]:
+    """New-token budgets of n prompts: the first n answers of the LIMA sample, in LLaMA tokens, ÷ divisor,
+    clipped to [low, high]."""
+    return budgets_from_lengths(answer_lengths(n, sample, tokenizer), divisor, low, high)
 
 
 def static_batch_steps(budgets, batch: int) -> list[int]:
@@ -73,7 +91,6 @@ def main(argv=None) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lima_jax
-    from lima_jax import decoding
 
     config = TINY if args.tiny else CONFIG
     torch.manual_seed(0)
@@ -88,76 +105,95 @@ def main(argv=None) -> dict:
     rng = np.random.RandomState(0)
     results = {}
     if args.workload == "lima":
-        results["lima"] = _lima_workload(args, lm, hf, decoding,
-                                         rng.randint(3, config["vocab_size"], (args.num_prompts, args.prompt_len)))
-    n = args.new_tokens
+        prompts = rng.randint(3, config["vocab_size"], (args.num_prompts, args.prompt_len))
+        budgets = lima_budgets(args.num_prompts, divisor=args.budget_divisor)
+        lima = lima_workload(lm, hf, prompts, budgets, args.slots, args.repeats)
+        static_slots = sum(static_batch_steps(budgets, args.slots)) * args.slots
+        print(f"lima workload: {len(budgets)} prompts of {args.prompt_len} tokens, budgets "
+              f"{min(budgets)}..{max(budgets)} (sum {sum(budgets)}; static batches of {args.slots} run "
+              f"{static_slots} token-slots)")
+        print(f"lima: ours {lima['ours_tps']:7.1f} useful tok/s in {args.slots} slots, occupancy "
+              f"{lima['occupancy']:.1%} (first call incl. compile {lima['compile_s']:.1f} s); transformers static "
+              f"batches {lima['theirs_tps']:7.1f} useful tok/s; ratio {lima['ratio']:.2f}x (paired runs "
+              f"{'/'.join(f'{r:.2f}' for r in lima['paired'])}; runs ours {_fmt(lima['ours_s'])}, transformers "
+              f"{_fmt(lima['theirs_s'])}; load {os.getloadavg()[0]:.1f})")
+        results["lima"] = lima
     for batch in args.batch_sizes:
         prompts = rng.randint(3, config["vocab_size"], (batch, args.prompt_len))
-
-        def ours():
-            out = lm.generate(prompts.tolist(), max_new_tokens=n, stop_ids=[], batch_size=batch, **SETTINGS)
-            assert all(len(t) == n for t in out)
-
-        def theirs():
-            ids = torch.tensor(prompts, dtype=torch.long)
-            with torch.no_grad():
-                out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=n,
-                                  min_new_tokens=n, pad_token_id=0, **SETTINGS)
-            assert out.shape == (batch, args.prompt_len + n)
-
-        compile_s = _timed(ours)  # first call: compilation and one run
-        _timed(theirs)  # warm-up
-        ours_s, theirs_s = [], []
-        for _ in range(args.repeats):
-            ours_s.append(_timed(ours))
-            theirs_s.append(_timed(theirs))
-        ours_tps, theirs_tps = batch * n / min(ours_s), batch * n / min(theirs_s)
-        print(f"batch {batch}: ours {ours_tps:7.1f} tok/s (first call incl. compile {compile_s:.1f} s), "
-              f"transformers {theirs_tps:7.1f} tok/s, ratio {ours_tps / theirs_tps:.2f}x "
-              f"(runs ours {_fmt(ours_s)}, transformers {_fmt(theirs_s)}; load {os.getloadavg()[0]:.1f})")
-        results[f"batch {batch}"] = dict(ours_tps=ours_tps, theirs_tps=theirs_tps, ratio=ours_tps / theirs_tps)
+        fixed = fixed_workload(lm, hf, prompts, args.new_tokens, args.repeats)
+        print(f"batch {batch}: ours {fixed['ours_tps']:7.1f} tok/s (first call incl. compile "
+              f"{fixed['compile_s']:.1f} s), transformers {fixed['theirs_tps']:7.1f} tok/s, ratio "
+              f"{fixed['ratio']:.2f}x (runs ours {_fmt(fixed['ours_s'])}, transformers {_fmt(fixed['theirs_s'])}; load "
+              f"{os.getloadavg()[0]:.1f})")
+        results[f"batch {batch}"] = fixed
     return results
 
 
-def _lima_workload(args, lm, hf, decoding, prompts) -> dict:
+def _hf_generate(hf, prompts, steps: int):
+    """transformers' generate of exactly `steps` new tokens for each of `prompts` [B, P], with the paper's
+    sampling, on the model's device; returns when the tokens are on the host."""
     import torch
 
-    budgets = lima_budgets(args.num_prompts, divisor=args.budget_divisor)
+    ids = torch.tensor(np.asarray(prompts), dtype=torch.long, device=hf.device)
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=steps,
+                          min_new_tokens=steps, pad_token_id=0, **SETTINGS)
+    out = out.cpu()  # waits for the device
+    assert out.shape == (len(ids), ids.shape[1] + steps)
+
+
+def alternate(ours, theirs, repeats: int) -> tuple[float, list, list]:
+    """(ours' first call: compile and one run, in s; ours' timed runs; theirs'): after one untimed run of
+    theirs, the two alternate so background load hits both alike."""
+    compile_s = _timed(ours)
+    _timed(theirs)  # warm-up (torch's first run at each new shape is slow)
+    ours_s, theirs_s = [], []
+    for _ in range(repeats):
+        ours_s.append(_timed(ours))
+        theirs_s.append(_timed(theirs))
+    return compile_s, ours_s, theirs_s
+
+
+def fixed_workload(lm, hf, prompts, new_tokens: int, repeats: int) -> dict:
+    """Exactly new_tokens for each prompt [B, P], ours in B slots vs one transformers batch: tokens/s of
+    each (best run) and their ratio."""
+    batch = len(prompts)
+
+    def ours():
+        out = lm.generate(np.asarray(prompts).tolist(), max_new_tokens=new_tokens, stop_ids=[], batch_size=batch,
+                          **SETTINGS)
+        assert all(len(t) == new_tokens for t in out)
+
+    compile_s, ours_s, theirs_s = alternate(ours, lambda: _hf_generate(hf, prompts, new_tokens), repeats)
+    ours_tps, theirs_tps = batch * new_tokens / min(ours_s), batch * new_tokens / min(theirs_s)
+    return dict(ours_tps=ours_tps, theirs_tps=theirs_tps, ratio=ours_tps / theirs_tps, compile_s=compile_s,
+                ours_s=ours_s, theirs_s=theirs_s)
+
+
+def lima_workload(lm, hf, prompts, budgets, slots: int, repeats: int) -> dict:
+    """prompts [N, P] with their own new-token budgets: ours in `slots` slots, refilled as prompts
+    finish, vs transformers in static batches of `slots`, each run to its longest budget. Useful
+    tokens/s (each prompt's own budget) of each (best run), their ratio and our slot occupancy."""
+    from lima_jax import decoding
+
     useful = sum(budgets)
     stats = []
 
     def ours():
-        gen = decoding.generate(lm, prompts.tolist(), budgets, seed=list(range(len(budgets))), stop_ids=[],
-                                batch_size=args.slots, **SETTINGS)
-        assert [len(t) for t in gen.tokens] == budgets
+        gen = decoding.generate(lm, np.asarray(prompts).tolist(), list(budgets), seed=list(range(len(budgets))),
+                                stop_ids=[], batch_size=slots, **SETTINGS)
+        assert [len(t) for t in gen.tokens] == list(budgets)
         stats.append(gen.stats)
 
     def theirs():
-        for start, steps in zip(range(0, len(budgets), args.slots), static_batch_steps(budgets, args.slots)):
-            ids = torch.tensor(prompts[start: start + args.slots], dtype=torch.long)
-            with torch.no_grad():
-                out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=steps,
-                                  min_new_tokens=steps, pad_token_id=0, **SETTINGS)
-            assert out.shape == (len(ids), args.prompt_len + steps)
+        for start, steps in zip(range(0, len(budgets), slots), static_batch_steps(budgets, slots)):
+            _hf_generate(hf, prompts[start: start + slots], steps)
 
-    compile_s = _timed(ours)
-    _timed(theirs)  # warm-up (torch's first run at each new shape is slow)
-    ours_s, theirs_s = [], []
-    for _ in range(args.repeats):
-        ours_s.append(_timed(ours))
-        theirs_s.append(_timed(theirs))
+    compile_s, ours_s, theirs_s = alternate(ours, theirs, repeats)
     ours_tps, theirs_tps = useful / min(ours_s), useful / min(theirs_s)
-    paired = sorted(t / o for o, t in zip(ours_s, theirs_s))
-    occupancy = stats[-1].occupancy
-    static_slots = sum(static_batch_steps(budgets, args.slots)) * args.slots
-    print(f"lima workload: {len(budgets)} prompts of {args.prompt_len} tokens, budgets {min(budgets)}..{max(budgets)} "
-          f"(sum {useful}; static batches of {args.slots} run {static_slots} token-slots)")
-    print(f"lima: ours {ours_tps:7.1f} useful tok/s in {args.slots} slots, occupancy {occupancy:.1%} "
-          f"(first call incl. compile {compile_s:.1f} s); transformers static batches {theirs_tps:7.1f} useful tok/s; "
-          f"ratio {ours_tps / theirs_tps:.2f}x (paired runs {'/'.join(f'{r:.2f}' for r in paired)}; "
-          f"runs ours {_fmt(ours_s)}, transformers {_fmt(theirs_s)}; load {os.getloadavg()[0]:.1f})")
-    return dict(ours_tps=ours_tps, theirs_tps=theirs_tps, ratio=ours_tps / theirs_tps, occupancy=occupancy,
-                budgets=budgets)
+    return dict(ours_tps=ours_tps, theirs_tps=theirs_tps, ratio=ours_tps / theirs_tps, occupancy=stats[-1].occupancy,
+                budgets=list(budgets), compile_s=compile_s, ours_s=ours_s, theirs_s=theirs_s,
+                paired=sorted(t / o for o, t in zip(ours_s, theirs_s)))
 
 
 def _timed(fn) -> float:

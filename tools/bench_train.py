@@ -76,7 +76,8 @@ def jax_step(remat: str):
 
     from lima_jax import mesh as mesh_lib, sharding, train_step
     from lima_jax.config import LlamaConfig
-    from lima_jax.recipe import Recipe, model_config
+    from lima_jax.optimizer import Recipe
+    from lima_jax.recipe import model_config
 
     # Through lima-train's own model_config: its CPU choices (layers unrolled) apply here too.
     config = model_config(base=LlamaConfig(**CONFIG), dtype="float32", param_dtype="float32",
