@@ -11,7 +11,6 @@ chip one device (both TensorCores, 95 GiB), a v5e chip one device (one TensorCor
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -139,21 +138,21 @@ def kernel_flops(lowered_text: str) -> float:
     return sum(one_call(line) for line in mosaic_calls(lowered_text))
 
 
-@functools.lru_cache(maxsize=None)
-def _cost_model_peak(device_kind: str, device) -> float:
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    n = 8192
-    a = jax.ShapeDtypeStruct((n, n), jnp.bfloat16, sharding=NamedSharding(Mesh([device], ("x",)), PartitionSpec()))
-    return 2.0 * n ** 3 / optimal_seconds(jax.jit(jnp.matmul).lower(a, a).compile())
+_PEAKS: dict[str, float] = {}  # cost_model_peak per device kind: one compile per process
 
 
 def cost_model_peak(device) -> float:
     """The cost model's bf16 matmul rate on one device (flops/s): a large matmul's flops over its
     predicted time (137e12 on a v4 device, 394e12 on v5p)."""
-    return _cost_model_peak(device.device_kind, device)
+    if device.device_kind not in _PEAKS:
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        n = 8192
+        a = jax.ShapeDtypeStruct((n, n), jnp.bfloat16, sharding=NamedSharding(Mesh([device], ("x",)), PartitionSpec()))
+        _PEAKS[device.device_kind] = 2.0 * n ** 3 / optimal_seconds(jax.jit(jnp.matmul).lower(a, a).compile())
+    return _PEAKS[device.device_kind]
 
 
 def extend_linearly(at: dict, depth: int) -> float:
