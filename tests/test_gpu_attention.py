@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +19,7 @@ from lima_jax.config import ATTENTION_KERNELS, default_attention_kernel, preset
 from lima_jax.device_mesh import device_mesh
 from lima_jax.model import Llama
 from lima_jax.optimizer import Recipe
-from tests.attention_cases import inputs, segments, value_and_grads
+from tests.attention_cases import inputs, run_on_four_cpu_devices, segments, value_and_grads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,40 +122,21 @@ def test_model_logits_equal_with_the_cudnn_kernel_on_the_cpu():
 
 
 _SHARDED = """
-import jax, jax.numpy as jnp, numpy as np
-from lima_jax import sharding
-from lima_jax.attention import causal_attention
-from lima_jax.device_mesh import device_mesh
-from tests.attention_cases import inputs, segments, value_and_grads
+import numpy as np
+from tests.attention_cases import assert_sharded_matches_xla, segments
 from tests.test_gpu_attention import xla_call
 
 # Rows 0-1 unpacked, 2-3 packed: fsdp=2 puts them on different devices, one taking the fused call and
-# one its fallback. kv heads split over tensor like the query heads; one kv head (MQA), kept whole;
-# two kv heads for four devices, copied per query head (and the rows, 4 for fsdp=1, replicated).
-ids = np.concatenate([segments("right_pad"), segments("packed")])
-for fsdp, tensor, heads, kv_heads in ((2, 2, 4, 2), (2, 2, 4, 1), (1, 4, 8, 2)):
-    mesh = device_mesh(data=1, fsdp=fsdp, tensor=tensor)
-    q, k, v, ids_j, weights = inputs(heads, kv_heads, ids)
-    ref, ref_grads = value_and_grads(causal_attention, q, k, v, ids_j, weights)
-    with sharding.use_rules(mesh, sharding.DEFAULT_RULES):
-        assert "shard_map" in str(jax.make_jaxpr(xla_call)(q, k, v, ids_j))
-        out, grads = jax.jit(lambda *a: value_and_grads(xla_call, *a))(q, k, v, ids_j, weights)
-    real = ids > 0
-    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-5, rtol=0)
-    for g, r in zip(grads, ref_grads):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=0)
+# one its fallback.
+assert_sharded_matches_xla(xla_call, np.concatenate([segments("right_pad"), segments("packed")]))
 print("sharded ok")
 """
 
 
 def test_sharded_over_a_mesh_matches_xla():
-    """4 CPU devices (a subprocess: the device count is fixed at JAX import): under a mesh the call runs
-    per device through shard_map (rows over fsdp, heads over tensor) and still equals XLA's attention."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT,
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=180)
-    assert proc.returncode == 0 and "sharded ok" in proc.stdout, proc.stderr[-3000:]
+    """4 CPU devices: under a mesh the call runs per device through shard_map (rows over fsdp, heads
+    over tensor) and still equals XLA's attention."""
+    run_on_four_cpu_devices(_SHARDED, ROOT)
 
 
 def _cuda_train_step_module(config) -> str:

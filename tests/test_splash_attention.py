@@ -7,8 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import gin
 import jax
@@ -22,7 +20,7 @@ from lima_jax.attention import causal_attention
 from lima_jax.config import LlamaConfig, preset
 from lima_jax.model import Llama
 from lima_jax.splash_attention import block_size, splash_causal_attention
-from tests.attention_cases import inputs, segments, value_and_grads
+from tests.attention_cases import inputs, run_on_four_cpu_devices, segments, value_and_grads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,41 +114,20 @@ def test_attention_kernel_config():
 
 
 _SHARDED = """
-import jax, jax.numpy as jnp, numpy as np
-from lima_jax import mesh as mesh_lib, sharding
-from lima_jax.attention import causal_attention
 from lima_jax.splash_attention import splash_causal_attention
-from tests.attention_cases import inputs, segments, value_and_grads
+from tests.attention_cases import assert_sharded_matches_xla, segments
 
-rules, _ = mesh_lib.logical_rules()
 layout = segments("packed", 4, 128)
 layout[2:] = segments("left_pad", 2, 128)
-# kv heads split over tensor like the query heads; one kv head (MQA), kept whole; two kv heads for four
-# devices, copied per query head (and the rows, 4 for fsdp=1, replicated).
-for fsdp, tensor, heads, kv_heads in ((2, 2, 4, 2), (2, 2, 4, 1), (1, 4, 8, 2)):
-    mesh = mesh_lib.make_mesh(data=1, fsdp=fsdp, tensor=tensor)
-    q, k, v, ids, weights = inputs(heads, kv_heads, layout)
-    ref, ref_grads = value_and_grads(causal_attention, q, k, v, ids, weights)
-    with sharding.use_rules(mesh, rules):
-        assert "shard_map" in str(jax.make_jaxpr(splash_causal_attention)(q, k, v, ids))
-        out, grads = value_and_grads(splash_causal_attention, q, k, v, ids, weights)
-    real = layout > 0
-    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-5, rtol=0)
-    for g, r in zip(grads, ref_grads):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-4, rtol=0)
+assert_sharded_matches_xla(splash_causal_attention, layout)
 print("sharded ok")
 """
 
 
 def test_splash_sharded_over_a_mesh_matches_xla():
-    """4 CPU devices (a subprocess: the device count is fixed at JAX import), meshes fsdp=2 × tensor=2 and
-    tensor=4: the kernel runs under shard_map, rows over fsdp and heads over tensor, and still equals
-    XLA's attention."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT,
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0 and "sharded ok" in proc.stdout, proc.stderr[-3000:]
+    """4 CPU devices, meshes fsdp=2 × tensor=2 and tensor=4: the kernel runs under shard_map, rows over
+    fsdp and heads over tensor, and still equals XLA's attention."""
+    run_on_four_cpu_devices(_SHARDED, ROOT)
 
 
 @needs_libtpu
