@@ -69,12 +69,20 @@ def get_slice(name: str) -> Slice:
 # bf16 peak FLOP/s per chip, as Google publishes them: what predicted MFU is measured against. (The
 # compiler's own cost model peaks at 137 TFLOP/s per v4 device, half a chip, and 394 per v5p chip.)
 CHIP_PEAK_FLOPS = {"v4": 275e12, "v5p": 459e12, "v5e": 197e12}
-# Compiler options of the prediction's compiles, per generation. v4: no CMEM (the chip's 128 MiB
-# common memory) in memory-space assignment. libtpu 0.0.52's cost model has no cost for traffic to
-# and from CMEM: each op that touches it is costed -1 s, so LIMA's steps, whose 2048-token attention
-# buffers land there, came out at negative totals. Without CMEM the program is one v4 runs as well,
-# from HBM alone, and the cost model prices all of it.
-PREDICT_COMPILER_OPTIONS = {"v4": {"xla_tpu_cmem_memory_space_assignment": False}}
+# Compiler options of the prediction's compiles, per generation, so that the cost model prices every
+# op of the step. All: no collective matmuls ("windowed einsums": XLA splits an all-gather or
+# reduce-scatter next to a matmul into a loop of collective-permutes and partial matmuls), since the
+# cost analysis counts a loop's body once; with sequence parallelism most of a layer's tensor-parallel
+# matmuls became such loops and their flops vanished from the prediction. The same program without
+# them, priced whole: a TPU running the loops overlaps their transfers, so this bounds the time from above.
+# v4: no CMEM (the chip's 128 MiB common memory) in memory-space assignment. libtpu 0.0.52's cost
+# model has no cost for traffic to and from CMEM: each op that touches it is costed -1 s, so LIMA's
+# steps, whose 2048-token attention buffers land there, came out at negative totals. Without CMEM the
+# program is one v4 runs as well, from HBM alone, and the cost model prices all of it.
+_NO_COLLECTIVE_MATMULS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                          "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+PREDICT_COMPILER_OPTIONS = {"v4": {**_NO_COLLECTIVE_MATMULS, "xla_tpu_cmem_memory_space_assignment": False},
+                            "v5p": _NO_COLLECTIVE_MATMULS, "v5e": _NO_COLLECTIVE_MATMULS}
 # Depths at which the layer stack is compiled unrolled to predict the whole step (the compiler's cost
 # analysis counts a scanned loop's body once): time is linear in the layers, so two depths fix it.
 PREDICT_DEPTHS = (2, 3)

@@ -16,6 +16,9 @@ REMAT_SAVED_NAMES = {
     "qkv": ("query_proj", "key_proj", "value_proj"),
     "qkv_attn": ("query_proj", "key_proj", "value_proj", "attention_out"),
     "qkv_attn_mlp_in": ("query_proj", "key_proj", "value_proj", "attention_out", "mlp_in"),
+    # Every matmul's output the backward needs: only the norms and SwiGLU's product are recomputed.
+    "qkv_attn_proj_gate_up": ("query_proj", "key_proj", "value_proj", "attention_out", "attention_proj",
+                              "mlp_gate", "mlp_up"),
 }
 # "none" keeps every activation, "full" recomputes each layer; "dots*" save matmul outputs (jax's
 # policies); a REMAT_SAVED_NAMES key saves those activations; "offload_<key>" keeps them in host

@@ -39,6 +39,8 @@ def _param(key, shape, names, dtype, init="normal") -> nnx.Param:
 
 
 STACKED_CACHE_NAMES = ("layers", "batch", "length", "kv_heads", "head_dim")
+# Between sublayers: "act_length", not "length", so the rules may split the sequence there (see DecoderLayer).
+RESIDUAL_NAMES = ("batch", "act_length", "act_embed")
 LAYER_CACHE_NAMES = ("batch", "kv_heads", "length", "head_dim")
 
 
@@ -267,8 +269,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dtype = x.dtype
-        gate = _matmul(x, self.gate_proj[...].astype(dtype))
-        up = _matmul(x, self.up_proj[...].astype(dtype))
+        gate = checkpoint_name(_matmul(x, self.gate_proj[...].astype(dtype)), "mlp_gate")
+        up = checkpoint_name(_matmul(x, self.up_proj[...].astype(dtype)), "mlp_up")
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
         return _matmul(hidden, self.down_proj[...].astype(dtype))
 
@@ -288,10 +290,15 @@ class DecoderLayer(nnx.Module):
         attn_key = mlp_key = None
         if dropout_key is not None:
             attn_key, mlp_key = jax.random.split(dropout_key)
+        # The residual stream is RESIDUAL_NAMES: with `act_length` on the tensor axis (the default rules)
+        # each tensor device keeps a slice of the sequence, so norms, dropout and adds are not done
+        # tensor-times over, and the sublayers' all-reduces become reduce-scatters (sequence parallelism).
         attn_out, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv_cache, cache_index)
+        attn_out = checkpoint_name(constrain(attn_out, RESIDUAL_NAMES), "attention_proj")
         x = x + residual_dropout(attn_out, dropout_rate, attn_key)
-        x = x + residual_dropout(self.mlp(checkpoint_name(self.post_attn_norm(x), "mlp_in")), dropout_rate, mlp_key)
-        return constrain(x, ("batch", "length", "act_embed")), new_kv
+        mlp_out = constrain(self.mlp(checkpoint_name(self.post_attn_norm(x), "mlp_in")), RESIDUAL_NAMES)
+        x = x + residual_dropout(mlp_out, dropout_rate, mlp_key)
+        return constrain(x, RESIDUAL_NAMES), new_kv
 
 
 def remat_policy(name: str):
@@ -375,14 +382,14 @@ class Llama(nnx.Module):
         cos, sin = rope_cos_sin(positions, rope_inverse_frequencies(cfg), key_mask.shape[1])
 
         x = self.embed[...].astype(dtype)[tokens]
-        x = constrain(x, ("batch", "length", "act_embed"))
+        x = constrain(x, RESIDUAL_NAMES)
         x, new_cache, hidden = self._run_layers(x, cos, sin, mask, dropout_key, cache, cache_index,
                                                 return_hidden_states, layer_params)
         if logits_at is not None:
             x = jnp.take_along_axis(x, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
         elif last_logits_only:
             x = x[:, -1:]
-        x = self.final_norm(x)
+        x = constrain(self.final_norm(x), ("batch", "length", "act_embed"))  # whole rows: vocab is on tensor
         logits = self._lm_head(x)
         if cfg.padded_vocab_size != cfg.vocab_size:  # padding rows can never win a softmax or a sample
             real = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size

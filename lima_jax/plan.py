@@ -17,8 +17,9 @@ from lima_jax import aot
 from lima_jax.atomic import atomic_write_text
 
 # Remat policies worth comparing for LLaMA (config.REMAT_POLICIES has them all): recompute everything,
-# keep the attention inputs/outputs, also keep the MLP input, keep nothing recomputed.
-PLAN_REMATS = ("full", "qkv_attn", "qkv_attn_mlp_in", "none")
+# keep the attention inputs/outputs, also keep the MLP input, keep every matmul's output (recompute
+# only norms and SwiGLU's product), keep everything.
+PLAN_REMATS = ("full", "qkv_attn", "qkv_attn_mlp_in", "qkv_attn_proj_gate_up", "none")
 PLAN_MICROBATCHES = (1, 2, 4)
 MAX_TENSOR = 16  # tensor parallelism beyond this spends more on all-reduces than it saves
 

@@ -20,7 +20,7 @@ Rules = Sequence[tuple[str, object]]
 # Parameters use the plain names; activations use "act_*" for the hidden dimension because an
 # FSDP layout shards the *parameter* embed axis but never the activation's.
 PARAM_AXES = ("layers", "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim")
-ACTIVATION_AXES = ("batch", "length", "act_embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
+ACTIVATION_AXES = ("batch", "length", "act_length", "act_embed", "heads", "kv_heads", "head_dim", "mlp", "vocab")
 
 _active: list[tuple[Mesh, Rules, tuple[str, ...]]] = []
 
@@ -148,10 +148,13 @@ def per_device_attention(local, q: jax.Array, k: jax.Array, v: jax.Array, segmen
 
 
 # The default layout: FSDP over ("data", "fsdp") for parameters' embed axis, tensor parallelism over
-# heads / mlp / vocab, the batch over every data-like axis. gin/ may override it (training issue).
+# heads / mlp / vocab, the batch over every data-like axis, and the residual stream's sequence
+# ("act_length") over the tensor axis too (sequence parallelism: model.RESIDUAL_NAMES). gin/ may
+# override it (gin/meshes/rules.gin).
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),
     ("length", None),
+    ("act_length", "tensor"),
     ("act_embed", None),
     ("layers", None),
     ("vocab", "tensor"),

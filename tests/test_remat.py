@@ -61,6 +61,7 @@ def test_full_remat_saves_no_named_activation_and_more_saved_means_more_memory()
     assert _saved_names("full") == set()
     assert _saved_names("offload_qkv_attn") == set()  # in host memory, not among the device's residuals
     kept = [_activation_bytes(p) for p in ("full", "qkv", "qkv_attn", "qkv_attn_mlp_in", "none")]
+    assert kept[2] < _activation_bytes("qkv_attn_proj_gate_up") < kept[-1]
     assert kept == sorted(kept) and kept[0] < kept[1] and kept[-2] < kept[-1], kept
 
 

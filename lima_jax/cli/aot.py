@@ -14,7 +14,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from lima_jax import aot
+    from lima_jax import aot, plan
 
     parser = argparse.ArgumentParser(
         prog="lima-aot", description=__doc__,
@@ -43,7 +43,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default="plan.gin", help="the plan's gin file (default plan.gin); lima-train takes "
                                                           "it after the other gin files")
     parser.add_argument("--remats", help="comma-separated remat policies the plan tries (default: "
-                                         "full,qkv_attn,qkv_attn_mlp_in,none)")
+                                         f"{','.join(plan.PLAN_REMATS)})")
     parser.add_argument("--table", action="store_true",
                         help="print the README fit table: smallest v4 / v5p slice for 7B-65B and the plan's predicted "
                              "speed there (slow: hours of compiles)")
@@ -56,7 +56,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.plan:
             return _plan(args, parser.prog)
         if args.table:
-            from lima_jax import plan
 
             table = plan.fit_table(args.batch_size, args.seq_len, log=lambda s: print(s, file=sys.stderr, flush=True))
             print(table)
