@@ -39,9 +39,9 @@ def _param(key, shape, names, dtype, init="normal") -> nnx.Param:
 
 
 STACKED_CACHE_NAMES = ("layers", "batch", "length", "kv_heads", "head_dim")
+LAYER_CACHE_NAMES = ("batch", "kv_heads", "length", "head_dim")
 # Between sublayers: "act_length", not "length", so the rules may split the sequence there (see DecoderLayer).
 RESIDUAL_NAMES = ("batch", "act_length", "act_embed")
-LAYER_CACHE_NAMES = ("batch", "kv_heads", "length", "head_dim")
 
 
 class KVCache(NamedTuple):
@@ -292,7 +292,8 @@ class DecoderLayer(nnx.Module):
             attn_key, mlp_key = jax.random.split(dropout_key)
         # The residual stream is RESIDUAL_NAMES: with `act_length` on the tensor axis (the default rules)
         # each tensor device keeps a slice of the sequence, so norms, dropout and adds are not done
-        # tensor-times over, and the sublayers' all-reduces become reduce-scatters (sequence parallelism).
+        # tensor-times over, and each sublayer's sum lands on the slices instead of every device whole
+        # (sequence parallelism).
         attn_out, new_kv = self.attn(self.input_norm(x), cos, sin, mask, kv_cache, cache_index)
         attn_out = checkpoint_name(constrain(attn_out, RESIDUAL_NAMES), "attention_proj")
         x = x + residual_dropout(attn_out, dropout_rate, attn_key)
