@@ -56,7 +56,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.plan:
             return _plan(args, parser.prog)
         if args.table:
-
             table = plan.fit_table(args.batch_size, args.seq_len, log=lambda s: print(s, file=sys.stderr, flush=True))
             print(table)
             return 0
